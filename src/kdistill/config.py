@@ -1,0 +1,355 @@
+"""Run configuration: one YAML file <-> nested dataclasses.
+
+Every field carries its help text and default here, and nowhere else. `load_config(path, overrides)` reads
+the YAML, applies `--set a.b=c` overrides, refuses unknown keys (naming the key and, when it comes from the
+file, the line), and type-checks values. The resolved configuration is written next to the trained student
+(`kdistill_config.yaml`) so a run can be reproduced from its output folder alone.
+
+Sections:
+    teacher     the model that provides the signal (omit for plain fine-tuning)
+    student     the model that is trained
+    data        where examples come from and how they become tokens
+    objectives  name -> settings; the total loss is sum(weight * objective)
+    lora        optional LoRA adapters on the student (peft)
+    training    any `transformers.TrainingArguments` field (output_dir, learning_rate, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILENAME = "kdistill_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the place (file:line or key) named."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, factory=None):
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    """A model to load with `from_pretrained` (hub id or local folder)."""
+
+    name_or_path: str | None = _f(None, "Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
+    tokenizer: str | None = _f(None, "Tokenizer hub id or folder; default: name_or_path.")
+    dtype: str = _f("auto", "Weights dtype.", ("auto", "float32", "bfloat16", "float16"))
+    device_map: str | None = _f(
+        None, "Teacher only: 'auto' spreads a large teacher over the visible GPUs (accelerate device map); "
+              "default: the student's device.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub repository.")
+    attn_implementation: str | None = _f(None, "e.g. sdpa, eager, flash_attention_2; default: transformers' choice.")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are tokenised."""
+
+    train: str | None = _f(None, "Training data: a .jsonl/.json file or a datasets hub id.")
+    eval: str | None = _f(None, "Optional held-out data (same formats).")
+    format: str = _f("auto", "Row format; auto detects per row.",
+                     ("auto", "alpaca", "prompt_completion", "messages"))
+    split: str = _f("train", "Split to load when `train` is a hub id.")
+    eval_split: str = _f("validation", "Split to load when `eval` is a hub id.")
+    template: str = _f("auto", "Prompt rendering: auto = chat template if the tokenizer has one, else the Alpaca "
+                       "prompt (prompt/completion rows are raw text).", ("auto", "chat", "alpaca", "plain"))
+    max_length: int = _f(512, "Maximum tokens per example (causal: prompt+response; seq2seq: source).")
+    max_target_length: int | None = _f(None, "Seq2seq only: maximum target tokens (default: max_length).")
+    skip_invalid: bool = _f(False, "Skip invalid rows (reported and counted) instead of refusing to start.")
+    limit: int | None = _f(None, "Use only the first N valid training examples.")
+    eval_limit: int | None = _f(None, "Use only the first N valid eval examples.")
+
+
+@dataclass
+class ObjectiveConfig:
+    """One term of the loss. `type` defaults to the objective's key in the `objectives` mapping."""
+
+    type: str | None = _f(None, "Objective type: ce | kd (default: the key).")
+    weight: float = _f(1.0, "Weight of this term in the total loss.")
+    divergence: str = _f("forward_kl", "kd: divergence between teacher and student next-token distributions.",
+                         ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+    temperature: float = _f(1.0, "kd: loss temperature (both distributions softened; loss scaled by T^2). "
+                            "Not the sampling temperature.")
+    beta: float = _f(0.5, "kd with jsd: mixture weight of the teacher in M (0.5 = Jensen-Shannon).")
+    alpha: float = _f(0.1, "kd with skew_*: skew mixture weight.")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student, through peft."""
+
+    enabled: bool = _f(False, "Train LoRA adapters instead of all student weights.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling numerator (lora_alpha).")
+    dropout: float = _f(0.05, "Dropout on the LoRA path.")
+    target_modules: Any = _f("all-linear", "Module names (list) or 'all-linear'.")
+    merge: bool = _f(False, "Save the student with adapters merged into the weights (also saves the adapter "
+                     "under adapter/).")
+
+
+def _default_objectives() -> dict[str, ObjectiveConfig]:
+    return {"ce": ObjectiveConfig(weight=0.5), "kd": ObjectiveConfig(weight=0.5)}
+
+
+def _default_training() -> dict[str, Any]:
+    return {"output_dir": "outputs/kdistill"}
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    student: ModelConfig = _f(help="The model that is trained.", factory=ModelConfig)
+    teacher: ModelConfig = _f(help="The model that provides the signal; leave name_or_path empty for no teacher.",
+                              factory=ModelConfig)
+    data: DataConfig = _f(help="Training (and eval) data.", factory=DataConfig)
+    objectives: dict[str, ObjectiveConfig] = _f(
+        help="Loss terms, name -> settings; total = sum(weight * term). Default: ce 0.5 + kd (forward_kl) 0.5.",
+        factory=_default_objectives)
+    lora: LoraConfig = _f(help="LoRA on the student.", factory=LoraConfig)
+    training: dict[str, Any] = _f(
+        help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",
+        factory=_default_training)
+    seed: int = _f(42, "Random seed (also passed to TrainingArguments unless set there).")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML <-> dataclasses
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    walk(root, ())
+    return lines
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str):
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls, raw: Any, path: tuple[str, ...], lines: dict, source: str):
+    def where(key_path):
+        dotted = ".".join(key_path)
+        line = lines.get(key_path)
+        return f"{source}:{line}: {dotted}" if line else f"{source}: {dotted}"
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where(path) if path else source}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{where((*path, str(key)))}: unknown key (valid keys: {', '.join(known)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        key_path = (*path, name)
+        tp = hints[name]
+        value = raw[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key_path, lines, source)
+        elif typing.get_origin(tp) is dict:
+            _, value_tp = typing.get_args(tp)
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where(key_path)}: expected a mapping")
+            if dataclasses.is_dataclass(value_tp):
+                kwargs[name] = {k: _build(value_tp, v if v is not None else {}, (*key_path, str(k)), lines, source)
+                                for k, v in value.items()}
+            else:
+                kwargs[name] = dict(value)
+        else:
+            kwargs[name] = _coerce(value, tp, where(key_path))
+        choices = f.metadata.get("choices")
+        if choices and kwargs[name] not in choices:
+            raise ConfigError(f"{where(key_path)}: {kwargs[name]!r} is not one of {', '.join(map(str, choices))}")
+    return cls(**kwargs)
+
+
+def _set_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value (e.g. training.max_steps=10)")
+    key, _, text = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key part")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
+    """Cross-field checks that a dataclass field alone cannot express."""
+    from kdistill.objectives import OBJECTIVES
+
+    if not cfg.student.name_or_path:
+        raise ConfigError(f"{source}: student.name_or_path is required")
+    if not cfg.objectives:
+        raise ConfigError(f"{source}: objectives is empty; give at least one (e.g. ce)")
+    for key, obj in cfg.objectives.items():
+        obj.type = obj.type or key
+        if obj.type not in OBJECTIVES:
+            raise ConfigError(f"{source}: objectives.{key}: unknown type {obj.type!r} "
+                              f"(valid: {', '.join(OBJECTIVES)})")
+        if obj.weight < 0:
+            raise ConfigError(f"{source}: objectives.{key}.weight must be >= 0, got {obj.weight}")
+        if obj.temperature <= 0:
+            raise ConfigError(f"{source}: objectives.{key}.temperature must be > 0")
+        for name in ("beta", "alpha"):
+            if not 0.0 <= getattr(obj, name) <= 1.0:
+                raise ConfigError(f"{source}: objectives.{key}.{name} must be in [0, 1]")
+        if OBJECTIVES[obj.type].needs_teacher and not cfg.teacher.name_or_path:
+            raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set teacher.name_or_path "
+                              "or remove the objective")
+    if not cfg.data.train:
+        raise ConfigError(f"{source}: data.train is required")
+    unknown = set(cfg.training) - _training_argument_names()
+    if unknown:
+        raise ConfigError(f"{source}: training: unknown TrainingArguments field(s): {', '.join(sorted(unknown))}")
+    if not cfg.training.get("output_dir"):
+        raise ConfigError(f"{source}: training.output_dir is required")
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str = "config", lines: dict | None = None) -> RunConfig:
+    """Build and validate a RunConfig; an explicit `objectives` mapping replaces the default one entirely."""
+    cfg = _build(RunConfig, raw or {}, (), lines or {}, source)
+    return validate(cfg, source)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply `key=value` overrides, validate. Errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for assignment in overrides:
+        _set_override(raw, assignment)
+    return config_from_dict(raw, str(path), _yaml_lines(text))
+
+
+def to_dict(cfg) -> dict:
+    """Plain-data form of a config (for YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / CONFIG_FILENAME
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def describe(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Help lines for every field: `key (type, default): help`."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp):
+            out.append(f"{key}: {help_text}")
+            out.extend(describe(tp, key + "."))
+            continue
+        if typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            out.append(f"{key}.<name>: {help_text}")
+            out.extend(describe(typing.get_args(tp)[1], key + ".<name>."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        choices = f.metadata.get("choices")
+        extra = f" [{' | '.join(map(str, choices))}]" if choices else ""
+        out.append(f"{key} (default {default!r}){extra}: {help_text}")
+    return out

@@ -1,0 +1,444 @@
+"""Loading and validating training records.
+
+A data source is a local JSON Lines file, a local JSON file (an array of objects, a single object, or
+JSON Lines saved under a ``.json`` name), or a Hugging Face ``datasets`` hub id / local dataset folder.
+Every row becomes an :class:`Example` of one of three kinds:
+
+* ``alpaca``: ``{"instruction": str, "input": str (optional, default ""), "output": str}``
+* ``prompt_completion``: ``{"prompt": str, "completion": str}``
+* ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
+  with at least one assistant message and the last message from the assistant.
+
+The whole source is checked before anything is returned, so a bad row is reported before any training
+starts. Each problem is reported as ``"<file>:<line>: <reason>"`` where ``<line>`` is the 1-based line
+on which the row starts (also inside a multi-line JSON array). Rows from a hub dataset are located as
+``"<hub_id>[<split>]:row <N>"`` with ``N`` the 0-based row index, so ``dataset[N]`` is the bad row.
+All problems of one row are joined with ``"; "`` into one entry.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DataValidationError",
+    "Example",
+    "LoadedData",
+    "FORMATS",
+    "ROLES",
+    "load_examples",
+    "load_rows",
+]
+
+FORMATS = ("alpaca", "prompt_completion", "messages")
+ROLES = ("system", "user", "assistant")
+_MAX_LISTED = 50
+_JSON_WS = " \t\n\r"
+_SHAPES = ("'messages' (messages), 'instruction' + 'output' with optional 'input' (alpaca), "
+           "or 'prompt' + 'completion' (prompt_completion)")
+# "name" or "namespace/name" as the hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+class DataValidationError(ValueError):
+    """Raised with every problem found in a data source.
+
+    ``errors`` holds all problems as ``"file:line: reason"`` strings; ``str()`` lists the first 50, one
+    per line, followed by ``"and N more"`` when there are more.
+    """
+
+    def __init__(self, errors: Iterable[str]):
+        self.errors: list[str] = list(errors)
+        shown = self.errors[:_MAX_LISTED]
+        lines = list(shown)
+        if len(self.errors) > len(shown):
+            lines.append(f"and {len(self.errors) - len(shown)} more")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # keep `errors` intact through pickling (e.g. across worker processes)
+        return (type(self), (self.errors,))
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated training record.
+
+    ``fields`` by ``kind``: alpaca -> instruction, input, output; prompt_completion -> prompt,
+    completion; messages -> messages (a list of ``{"role", "content"}`` dicts).
+    ``source`` says where the row came from (``"path:line"`` or ``"hub_id[split]:row N"``).
+    """
+
+    kind: str
+    fields: dict
+    source: str
+
+
+@dataclass
+class LoadedData:
+    """The valid examples of a source and, with ``skip_invalid=True``, the rows that were left out."""
+
+    examples: list[Example]
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Row validation
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, Mapping):
+        return "object"
+    return type(value).__name__
+
+
+def _detect_format(row: Mapping) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    return None
+
+
+def _string_field(row: Mapping, name: str, problems: list[str], fmt: str, *, required: bool = True,
+                  nonblank: bool = False, default: str | None = None) -> str | None:
+    if name not in row:
+        if required:
+            problems.append(f"missing required field '{name}' (format '{fmt}')")
+            return None
+        return default
+    value = row[name]
+    if not isinstance(value, str):
+        problems.append(f"field '{name}' must be a string, found {_type_name(value)}")
+        return None
+    if nonblank and not value.strip():
+        problems.append(f"field '{name}' is empty or whitespace-only")
+        return None
+    return value
+
+
+def _check_messages(row: Mapping, problems: list[str]) -> list[dict] | None:
+    if "messages" not in row:
+        problems.append("missing required field 'messages' (format 'messages')")
+        return None
+    messages = row["messages"]
+    if not isinstance(messages, (list, tuple)):
+        problems.append(f"field 'messages' must be a non-empty list, found {_type_name(messages)}")
+        return None
+    if not messages:
+        problems.append("field 'messages' must be a non-empty list, found an empty list")
+        return None
+    clean: list[dict] = []
+    well_formed = True
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            problems.append(f"{where} must be an object with string 'role' and 'content', "
+                            f"found {_type_name(message)}")
+            well_formed = False
+            continue
+        role, content = message.get("role"), message.get("content")
+        ok = True
+        for key, value in (("role", role), ("content", content)):
+            if key not in message:
+                problems.append(f"{where} is missing '{key}'")
+                ok = False
+            elif not isinstance(value, str):
+                problems.append(f"{where}.{key} must be a string, found {_type_name(value)}")
+                ok = False
+        if ok and role not in ROLES:
+            problems.append(f"{where} has unknown role {role!r} (allowed: {', '.join(ROLES)})")
+            ok = False
+        if ok and role == "assistant" and not content.strip():
+            problems.append(f"{where} (assistant) content is empty or whitespace-only")
+            ok = False
+        well_formed &= ok
+        if ok:
+            clean.append({"role": role, "content": content})
+    if not well_formed:
+        return None
+    if not any(m["role"] == "assistant" for m in clean):
+        problems.append("messages has no assistant message (nothing to train on)")
+        return None
+    if clean[-1]["role"] != "assistant":
+        problems.append(f"last message must be from the assistant, found role {clean[-1]['role']!r}")
+        return None
+    return clean
+
+
+def _check_row(row: Any, fmt: str) -> tuple[str | None, dict | None, list[str]]:
+    """Validate one row. Returns ``(kind, fields, problems)``; kind/fields are None when invalid."""
+    problems: list[str] = []
+    if not isinstance(row, Mapping):
+        return None, None, [f"row is not a JSON object (found {_type_name(row)})"]
+    kind = _detect_format(row) if fmt == "auto" else fmt
+    if kind is None:
+        keys = ", ".join(repr(k) for k in list(row)[:10]) or "none"
+        return None, None, [f"cannot detect the row format from its keys ({keys}); expected {_SHAPES}"]
+    if kind == "alpaca":
+        instruction = _string_field(row, "instruction", problems, kind)
+        inp = _string_field(row, "input", problems, kind, required=False, default="")
+        output = _string_field(row, "output", problems, kind, nonblank=True)
+        fields = {"instruction": instruction, "input": inp, "output": output}
+    elif kind == "prompt_completion":
+        prompt = _string_field(row, "prompt", problems, kind)
+        completion = _string_field(row, "completion", problems, kind, nonblank=True)
+        fields = {"prompt": prompt, "completion": completion}
+    else:
+        fields = {"messages": _check_messages(row, problems)}
+    if problems:
+        return None, None, problems
+    return kind, fields, []
+
+
+def _check_format_arg(format: str) -> None:
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {', '.join(FORMATS)}; got {format!r}")
+
+
+def _collect(rows: Iterable[tuple[str, Any]], fmt: str, skip_invalid: bool, limit: int | None,
+             preliminary: list[str] | None = None) -> LoadedData:
+    """Validate ``(location, row)`` pairs; raise or skip according to ``skip_invalid``."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    examples: list[Example] = []
+    messages: list[str] = []
+    for location, row in rows:
+        kind, fields, row_problems = _check_row(row, fmt)
+        if row_problems:
+            messages.append(f"{location}: {'; '.join(row_problems)}")
+        else:
+            examples.append(Example(kind=kind, fields=fields, source=location))
+    if preliminary:
+        messages = _by_line(list(preliminary) + messages)
+    if messages and not skip_invalid:
+        raise DataValidationError(messages)
+    if messages and not examples:
+        raise DataValidationError(messages + ["no valid rows are left after skipping the invalid ones"])
+    if limit is not None:
+        examples = examples[:limit]
+    return LoadedData(examples=examples, skipped=messages)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading local files
+
+
+class _Lines:
+    """Char offset -> 1-based line number."""
+
+    def __init__(self, text: str):
+        self._starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def __call__(self, offset: int) -> int:
+        return bisect.bisect_right(self._starts, offset)
+
+
+def _skip_ws(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and text[i] in _JSON_WS:
+        i += 1
+    return i
+
+
+def _parse_array(text: str, start: int, where: str, line_of: _Lines) -> tuple[list, list[str]]:
+    """Parse a top-level JSON array, returning ``[(location, element)]`` and fatal parse errors."""
+    decoder = json.JSONDecoder()
+    rows: list[tuple[str, Any]] = []
+    n = len(text)
+    i = _skip_ws(text, start + 1)
+    if i < n and text[i] == "]":
+        i += 1
+    else:
+        while True:
+            if i >= n:
+                return rows, [f"{where}:{line_of(n)}: malformed JSON: unterminated array (missing ']'); "
+                              f"file truncated?"]
+            try:
+                obj, end = decoder.raw_decode(text, i)
+            except json.JSONDecodeError as exc:
+                return rows, [f"{where}:{line_of(i)}: malformed JSON: {exc.msg} (line {exc.lineno}, "
+                              f"column {exc.colno}); the rest of the array was not checked"]
+            rows.append((f"{where}:{line_of(i)}", obj))
+            i = _skip_ws(text, end)
+            if i < n and text[i] == ",":
+                i = _skip_ws(text, i + 1)
+                if i < n and text[i] == "]":
+                    return rows, [f"{where}:{line_of(i)}: malformed JSON: trailing comma before ']'"]
+                continue
+            if i < n and text[i] == "]":
+                i += 1
+                break
+            if i >= n:
+                continue  # reported as unterminated on the next turn
+            return rows, [f"{where}:{line_of(i)}: malformed JSON: expected ',' or ']' after an array "
+                          f"element; the rest of the array was not checked"]
+    i = _skip_ws(text, i)
+    if i < n:
+        return rows, [f"{where}:{line_of(i)}: malformed JSON: extra data after the top-level array"]
+    return rows, []
+
+
+def _parse_json_lines(text: str, where: str) -> tuple[list, list[str]]:
+    rows: list[tuple[str, Any]] = []
+    errors: list[str] = []
+    # Split on "\n" only: str.splitlines() would also split on U+2028 etc., which may sit inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{where}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            errors.append(f"{where}:{number}: malformed JSON: {exc.msg} (column {exc.colno})")
+    return rows, errors
+
+
+def _first_line_is_a_row(text: str, first: int) -> bool:
+    """True for JSON Lines whose first row is an array: the first line parses on its own and more follows."""
+    end = text.find("\n", first)
+    if end < 0 or not text[end:].strip():
+        return False
+    try:
+        json.loads(text[first:end])
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _read_rows(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Read a local JSON / JSON Lines file into ``[(location, row)]`` and parse errors."""
+    where = str(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        return [], [f"{where}:{line}: malformed JSON: file is not valid UTF-8 ({exc.reason} at byte "
+                    f"{exc.start})"]
+    first = _skip_ws(text, 0)
+    if first >= len(text):
+        return [], [f"{where}:1: file contains no rows (it is empty)"]
+    line_of = _Lines(text)
+    if text[first] == "[" and not _first_line_is_a_row(text, first):
+        rows, errors = _parse_array(text, first, where, line_of)
+    else:
+        rows, errors = _parse_json_lines(text, where)
+        if errors:
+            # A single pretty-printed object spanning several lines.
+            try:
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                whole = None
+            if isinstance(whole, dict):
+                rows, errors = [(f"{where}:{line_of(first)}", whole)], []
+    if not rows and not errors:
+        errors = [f"{where}:{line_of(first)}: file contains no rows (empty JSON array)"]
+    return rows, errors
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _looks_local(source: str) -> bool:
+    if source.lower().endswith((".json", ".jsonl")):
+        return True
+    if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in source:
+        return True
+    if os.sep in source or (os.altsep and os.altsep in source):
+        # "namespace/name" is the shape of a hub id; anything else with a separator is a path.
+        return not _HUB_ID.match(source)
+    return False
+
+
+def load_rows(rows: Iterable[Mapping], name: str, format: str = "auto", skip_invalid: bool = False,
+              limit: int | None = None) -> LoadedData:
+    """Validate in-memory rows (e.g. from a ``datasets.Dataset``) into examples.
+
+    Each row is located as ``f"{name}:row {i}"`` (``i`` 0-based). Keys whose value is ``None`` are
+    dropped first: Arrow-backed datasets fill absent columns with ``None``, so ``None`` means "absent".
+    """
+    _check_format_arg(format)
+
+    def located():
+        for i, row in enumerate(rows):
+            if isinstance(row, Mapping):
+                row = {k: v for k, v in row.items() if v is not None}
+            yield f"{name}:row {i}", row
+
+    data = _collect(located(), format, skip_invalid, limit)
+    if not data.examples and not data.skipped:
+        raise DataValidationError([f"{name}: dataset contains no rows"])
+    return data
+
+
+def load_examples(source: str, format: str = "auto", split: str = "train", skip_invalid: bool = False,
+                  limit: int | None = None) -> LoadedData:
+    """Load and validate a whole data source.
+
+    ``source``: a local ``.jsonl`` / ``.json`` file, or (when it is not an existing file) a Hugging Face
+    dataset id or local dataset folder read with ``datasets.load_dataset(source, split=split)``.
+    ``format``: ``"auto"`` (detected per row from its keys) or one of ``alpaca``, ``prompt_completion``,
+    ``messages`` (every row must then have that shape).
+
+    Every row is checked. With problems and ``skip_invalid=False`` a :class:`DataValidationError` lists
+    them all; with ``skip_invalid=True`` the valid rows are returned and the problems are in
+    ``LoadedData.skipped``. ``limit`` keeps the first N valid examples (validation still covers all rows).
+    """
+    _check_format_arg(format)
+    source = os.fspath(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        rows, parse_errors = _read_rows(path)
+        return _collect(rows, format, skip_invalid, limit, preliminary=parse_errors)
+    if path.is_dir() or not _looks_local(source):
+        return _load_hub(source, format, split, skip_invalid, limit)
+    raise FileNotFoundError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r}); "
+                            f"it looks like a local path, so it was not looked up on the Hugging Face hub")
+
+
+def _by_line(messages: list[str]) -> list[str]:
+    """Order "file:line: reason" messages by line number (stable for messages without one)."""
+
+    def key(msg: str) -> int:
+        m = re.match(r"^.*?:(\d+): ", msg)
+        return int(m.group(1)) if m else 0
+
+    return sorted(messages, key=key)
+
+
+def _load_hub(source: str, format: str, split: str, skip_invalid: bool, limit: int | None) -> LoadedData:
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise ImportError(f"{source!r} is not a local file and the 'datasets' package is not installed "
+                          f"to load it from the Hugging Face hub") from exc
+    try:
+        dataset = datasets.load_dataset(source, split=split)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{source!r} is not an existing local file and loading it with "
+                         f"datasets.load_dataset(..., split={split!r}) failed: {exc}") from exc
+    return load_rows(dataset, f"{source}[{split}]", format=format, skip_invalid=skip_invalid, limit=limit)

@@ -1,0 +1,27 @@
+"""Pure loss functions on tensors: no model code, no I/O."""
+
+from kdistill.losses.divergences import (
+    DIVERGENCE_PARAMS,
+    DIVERGENCES,
+    forward_kl,
+    get_divergence,
+    jsd,
+    reduce_positions,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "DIVERGENCE_PARAMS",
+    "forward_kl",
+    "get_divergence",
+    "jsd",
+    "reduce_positions",
+    "reverse_kl",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+]

@@ -1,0 +1,147 @@
+"""Loading teacher and student, comparing their vocabularies, LoRA on the student, saving the result."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VocabularyMismatchError(ValueError):
+    """Teacher and student tokenise text differently: token-level logit KD is not defined between them."""
+
+
+def _hf_kwargs(cfg) -> dict:
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def is_encoder_decoder(name_or_path: str, **kwargs) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(name_or_path, **kwargs), "is_encoder_decoder", False))
+
+
+def load_model(cfg, *, role: str = "student"):
+    """Load a causal or seq2seq LM from a hub id or local folder, per a `ModelConfig`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    kwargs = _hf_kwargs(cfg)
+    config = AutoConfig.from_pretrained(cfg.name_or_path, **kwargs)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    if cfg.dtype != "auto":
+        kwargs["dtype"] = _DTYPES[cfg.dtype]
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.device_map:
+        if role != "teacher":
+            raise ValueError("device_map is for the teacher only; place the student with accelerate/TrainingArguments")
+        kwargs["device_map"] = cfg.device_map
+    model = cls.from_pretrained(cfg.name_or_path, **kwargs)
+    logger.info("loaded %s %s (%s, %.1fM parameters)", role, cfg.name_or_path, cls.__name__,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, **_hf_kwargs(cfg))
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {cfg.name_or_path} has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def compare_tokenizers(teacher_tok, student_tok) -> None:
+    """Refuse teacher/student pairs whose vocabularies differ (same id must mean the same token)."""
+    t_vocab, s_vocab = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t_vocab == s_vocab:
+        return
+    only_t = sorted(set(t_vocab) - set(s_vocab))
+    only_s = sorted(set(s_vocab) - set(t_vocab))
+    moved = sorted(k for k in set(t_vocab) & set(s_vocab) if t_vocab[k] != s_vocab[k])
+    details = []
+    if only_t:
+        details.append(f"{len(only_t)} token(s) only in the teacher's (e.g. {only_t[:3]})")
+    if only_s:
+        details.append(f"{len(only_s)} token(s) only in the student's (e.g. {only_s[:3]})")
+    if moved:
+        details.append(f"{len(moved)} token(s) with different ids (e.g. {moved[:3]})")
+    raise VocabularyMismatchError(
+        "teacher and student use different tokenizers (" + "; ".join(details) + "). Token-level logit KD "
+        "compares next-token distributions id by id, so it needs one shared vocabulary. Options: choose a "
+        "student from the teacher's model family, or distil at the sequence level without logits: train the "
+        "student with the `ce` objective only (no `kd`) on text the teacher generated.")
+
+
+def kd_vocab_size(tokenizer, teacher, student) -> int:
+    """Vocabulary entries the loss compares: the shared tokenizer's length.
+
+    Embedding matrices are often padded past the tokenizer (Qwen2.5-7B 152,064 rows, Qwen2.5-0.5B 151,936,
+    tokenizer 151,665); rows past the tokenizer are never real tokens, so both logit tensors are cut to
+    `len(tokenizer)`.
+    """
+    n = len(tokenizer)
+    for role, model in (("teacher", teacher), ("student", student)):
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < n:
+            raise VocabularyMismatchError(
+                f"the {role}'s output layer has {rows} rows but the tokenizer has {n} tokens; resize its "
+                "embeddings (model.resize_token_embeddings) or use the tokenizer it was trained with")
+    return n
+
+
+def apply_lora(model, cfg):
+    """Wrap the student in peft LoRA adapters per a `LoraConfig` section."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if getattr(model.config, "is_encoder_decoder", False) else TaskType.CAUSAL_LM
+    target = cfg.target_modules
+    if isinstance(target, str) and target != "all-linear":
+        target = [target]
+    peft_cfg = LoraConfig(task_type=task, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=target)
+    model = get_peft_model(model, peft_cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model
+
+
+def save_student(model, tokenizer, output_dir: str | Path, merge_lora: bool = False) -> Path:
+    """Save the student (or its LoRA adapter) and tokenizer. With `merge_lora`, the merged full model goes to
+    `output_dir` and the adapter to `output_dir/adapter`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge_lora:
+        model.save_pretrained(output_dir / "adapter")
+        tokenizer.save_pretrained(output_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def load_student(path: str | Path, **kwargs):
+    """Load a saved student: a full model folder, or a LoRA adapter folder (base model from its config)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
+
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        cls = AutoPeftModelForSeq2SeqLM if is_encoder_decoder(base) else AutoPeftModelForCausalLM
+        return cls.from_pretrained(path, **kwargs)
+    cls = AutoModelForSeq2SeqLM if is_encoder_decoder(str(path)) else AutoModelForCausalLM
+    return cls.from_pretrained(path, **kwargs)

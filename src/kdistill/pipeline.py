@@ -1,0 +1,160 @@
+"""A training run, start to end: config -> data -> teacher/student -> DistillTrainer -> saved student.
+
+Cheap checks come first: the tokenizer and the whole dataset are validated before any model is loaded, so a
+bad row or a vocabulary mismatch is reported in seconds, not after a 7B teacher has been read from disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill.config import RunConfig, save_config
+from kdistill.data import DataCollatorForDistillation, encode_examples, load_examples
+from kdistill.models import (apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model,
+                             load_tokenizer, save_student)
+from kdistill.objectives import build_objectives
+from kdistill.trainer import DistillTrainer
+
+logger = logging.getLogger(__name__)
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Encoded examples held in memory (a list of dicts of token id lists)."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+@dataclass
+class DataReport:
+    """What happened to the rows of one data file."""
+
+    source: str
+    examples: int
+    skipped_invalid: list[str] = field(default_factory=list)
+    truncated: int = 0
+    dropped_no_target: int = 0
+
+
+def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
+    loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
+                           limit=limit)
+    rows, stats = encode_examples(loaded.examples, tokenizer, template=cfg.data.template,
+                                  max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
+                                  max_target_length=cfg.data.max_target_length)
+    report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped),
+                        truncated=stats.truncated, dropped_no_target=stats.dropped_no_target)
+    if loaded.skipped:
+        logger.warning("%s: skipped %d invalid row(s) (data.skip_invalid=true); first: %s", source,
+                       len(loaded.skipped), loaded.skipped[0])
+    if stats.dropped_no_target:
+        logger.warning("%s: dropped %d row(s) whose response was cut away entirely by max_length=%d", source,
+                       stats.dropped_no_target, cfg.data.max_length)
+    if not rows:
+        raise ValueError(f"{source}: no usable examples after validation and truncation")
+    return ListDataset(rows), report
+
+
+def training_arguments(cfg: RunConfig):
+    from transformers import TrainingArguments
+
+    kwargs: dict[str, Any] = {"report_to": "none", "seed": cfg.seed, "remove_unused_columns": False,
+                              "label_names": ["labels"]}
+    kwargs.update(cfg.training)
+    return TrainingArguments(**kwargs)
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    tokenizer: Any
+    student: Any
+    teacher: Any
+    trainer: DistillTrainer
+    data: list[DataReport]
+
+
+def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
+    """Everything up to (not including) `trainer.train()`."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.student)
+    has_teacher = bool(cfg.teacher.name_or_path)
+    encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
+    if has_teacher:
+        teacher_encdec = is_encoder_decoder(cfg.teacher.name_or_path,
+                                            trust_remote_code=cfg.teacher.trust_remote_code)
+        if teacher_encdec != encoder_decoder:
+            raise ValueError("teacher and student must both be causal LMs or both encoder-decoder LMs "
+                             f"(teacher encoder-decoder: {teacher_encdec}, student: {encoder_decoder})")
+        compare_tokenizers(load_tokenizer(cfg.teacher), tokenizer)
+
+    train_ds, train_report = _load_split(cfg, tokenizer, cfg.data.train, cfg.data.split, cfg.data.limit,
+                                         encoder_decoder)
+    reports = [train_report]
+    eval_ds = None
+    if cfg.data.eval:
+        eval_ds, eval_report = _load_split(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split,
+                                           cfg.data.eval_limit, encoder_decoder)
+        reports.append(eval_report)
+
+    student = load_model(cfg.student, role="student")
+    teacher = load_model(cfg.teacher, role="teacher") if has_teacher else None
+    kd_vocab = kd_vocab_size(tokenizer, teacher, student) if teacher is not None else None
+    if cfg.lora.enabled:
+        student = apply_lora(student, cfg.lora)
+
+    args = training_arguments(cfg)
+    collator = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id)
+    trainer = DistillTrainer(model=student, teacher=teacher, objectives=build_objectives(cfg.objectives),
+                             kd_vocab=kd_vocab, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    return Prepared(cfg=cfg, tokenizer=tokenizer, student=student, teacher=teacher, trainer=trainer, data=reports)
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = True) -> dict:
+    """Train, save student + tokenizer + resolved config in `training.output_dir`, return a summary.
+
+    With `resume` (default), a run whose output_dir holds a `checkpoint-*` folder continues from the newest one.
+    """
+    prepared = prepare(cfg, callbacks)
+    trainer = prepared.trainer
+    output_dir = trainer.args.output_dir
+    checkpoint = _last_checkpoint(output_dir) if resume else None
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.is_world_process_zero():
+        save_student(trainer.model, prepared.tokenizer, output_dir, merge_lora=cfg.lora.merge)
+        save_config(cfg, output_dir)
+    summary = {
+        "output_dir": output_dir,
+        "global_step": result.global_step,
+        "train_loss": result.training_loss,
+        "resumed_from": checkpoint,
+        "data": [dataclasses.asdict(r) | {"skipped_invalid": len(r.skipped_invalid)} for r in prepared.data],
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        (Path(output_dir) / "kdistill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

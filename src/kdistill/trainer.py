@@ -1,0 +1,162 @@
+"""DistillTrainer: the one trainer. total loss = sum_i weight_i * objective_i(batch).
+
+It is a `transformers.Trainer`, so TrainingArguments, `accelerate launch`, DeepSpeed/FSDP configs, callbacks,
+checkpoints/resume and `report_to` (wandb, tensorboard) work as users know them. What it adds:
+
+* a frozen teacher (eval mode, no grad), placed on the student's device unless it was loaded with a device map;
+* one forward pass of student and teacher per micro-batch, positions aligned once (`_align`);
+* global normalisation: every objective divides by the number of trained tokens in the whole optimizer step
+  (all gradient-accumulation micro-batches, all processes), so 2 x B/2 accumulation equals 1 x B and two
+  processes equal one process on the same global batch;
+* every term and metric logged separately (`loss/ce`, `loss/kd`, `kd/top1_agreement`, ...).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from kdistill.objectives import DistillBatch, Objective
+
+
+class DistillTrainer(Trainer):
+    # compute_loss returns losses normalised by the step's global token count: Trainer must not rescale them.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, teacher: torch.nn.Module | None = None,
+                 objectives: dict[str, tuple[Objective, float]] | None = None,
+                 kd_vocab: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not objectives:
+            raise ValueError("DistillTrainer needs at least one objective")
+        self.objectives = objectives
+        self.kd_vocab = kd_vocab
+        self.needs_teacher = any(obj.needs_teacher for obj, _ in objectives.values())
+        if self.needs_teacher and teacher is None:
+            names = [n for n, (o, _) in objectives.items() if o.needs_teacher]
+            raise ValueError(f"objective(s) {', '.join(names)} need a teacher, but none was given")
+        self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
+        config = self.accelerator.unwrap_model(self.model).config
+        self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self._terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0]),
+                                                           "eval": defaultdict(lambda: [0.0, 0])}
+        self._last_logged_step = 0
+
+    # ------------------------------------------------------------------------------------------------ teacher
+    def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        teacher.eval()
+        teacher.requires_grad_(False)
+        if getattr(teacher, "hf_device_map", None) is None:
+            teacher.to(self.args.device)
+        return teacher
+
+    # ------------------------------------------------------------------------------------- normalisation count
+    def _count_targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """Trained positions in a batch, after the causal shift (the first label never is a target)."""
+        if self.is_encoder_decoder:
+            return labels.ne(-100).sum()
+        return labels[..., 1:].ne(-100).sum()
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Global number of trained tokens over the optimizer step's micro-batches and all processes."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(self._count_targets(b["labels"]) for b in batch_samples).to(device)
+        if self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
+
+    # ------------------------------------------------------------------------------------------- forward pass
+    def _model_inputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            model_inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        model_inputs["use_cache"] = False
+        return model_inputs
+
+    def _align(self, logits: torch.Tensor, labels: torch.Tensor | None = None):
+        """The one place positions are aligned: for causal LMs logits[:, i] predicts labels[:, i + 1]."""
+        if self.is_encoder_decoder:
+            return logits if labels is None else (logits, labels)
+        logits = logits[:, :-1]
+        return logits if labels is None else (logits, labels[:, 1:])
+
+    def _forward(self, model, inputs, num_items_in_batch) -> DistillBatch:
+        model_inputs = self._model_inputs(model, inputs)
+        student_out = model(**model_inputs)
+        student_logits, targets = self._align(student_out.logits, inputs["labels"])
+        teacher_out = teacher_logits = None
+        if self.needs_teacher:
+            teacher_device = next(self.teacher.parameters()).device
+            with torch.no_grad():
+                teacher_out = self.teacher(**{k: v.to(teacher_device) if torch.is_tensor(v) else v
+                                              for k, v in model_inputs.items()})
+            teacher_logits = self._align(teacher_out.logits).to(student_logits.device)
+        num_items = num_items_in_batch if num_items_in_batch is not None else targets.ne(-100).sum()
+        return DistillBatch(inputs=inputs, student_logits=student_logits, targets=targets, num_items=num_items,
+                            teacher_logits=teacher_logits, kd_vocab=self.kd_vocab,
+                            student_outputs=student_out, teacher_outputs=teacher_out)
+
+    # ----------------------------------------------------------------------------------------------- the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        batch = self._forward(model, inputs, num_items_in_batch)
+        # Under data parallelism gradients are averaged over processes; each process's loss is its share of the
+        # global sum / global count, so scale by the process count to make the average the global mean.
+        scale = self.accelerator.num_processes if (mode == "train" and num_items_in_batch is not None) else 1
+        total = None
+        for name, (objective, weight) in self.objectives.items():
+            loss, metrics = objective(batch)
+            total = weight * loss if total is None else total + weight * loss
+            self._record(mode, f"loss/{name}", loss.detach() * scale, additive=True)
+            for key, value in metrics.items():
+                self._record(mode, f"{name}/{key}", value, additive=False)
+        total = total * scale
+        return (total, batch.student_outputs) if return_outputs else total
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # -------------------------------------------------------------------------------------------------- logs
+    def _record(self, mode: str, key: str, value: float | torch.Tensor, additive: bool) -> None:
+        """Loss terms add up over the micro-batches of an optimizer step; metrics are averaged per micro-batch.
+
+        Values may be 0-dim tensors: they are summed on the device and read once, at log time (no per-step sync).
+        """
+        slot = self._terms[mode][key]
+        slot[0] += value
+        if not additive or mode == "eval":
+            slot[1] += 1
+        else:
+            slot[1] = -1  # marks an additive term: divided by optimizer steps at log time
+
+    def _flush(self, mode: str) -> dict[str, float]:
+        terms = self._terms[mode]
+        if not terms:
+            return {}
+        steps = max(self.state.global_step - self._last_logged_step, 1)
+        keys = sorted(terms)
+        values = torch.tensor([float(terms[k][0]) / (steps if terms[k][1] == -1 else max(terms[k][1], 1))
+                               for k in keys],
+                              dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        terms.clear()
+        prefix = "eval_" if mode == "eval" else ""
+        return {f"{prefix}{k}": round(v, 6) for k, v in zip(keys, values.tolist())}
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self._flush("train")}
+            self._last_logged_step = self.state.global_step
+        elif any(k.startswith("eval_") for k in logs):
+            logs = {**logs, **self._flush("eval")}
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,75 @@
+"""Session-wide offline fixtures: tokenizers trained from bundled text and tiny config-built models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+ALPACA = SHARED_DATA / "alpaca" / "alpaca_small_2000.jsonl"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def alpaca_small(tmp_path_factory, shared_data) -> Path:
+    """The first 200 rows of the bundled Alpaca subset, with short outputs (keeps CPU tests fast)."""
+    import json
+
+    out = tmp_path_factory.mktemp("data") / "alpaca_200.jsonl"
+    rows = []
+    with ALPACA.open() as fh:
+        for line in fh:
+            row = json.loads(line)
+            if len(row["output"]) < 300:
+                rows.append(row)
+            if len(rows) == 200:
+                break
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _tiny_pair(tmp_path_factory, kind: str, data: Path, teacher_steps: int) -> dict[str, str]:
+    from kdistill.tiny import make_tiny_pair
+
+    return make_tiny_pair(tmp_path_factory.mktemp(f"tiny-{kind}"), kind=kind, data=data, vocab_size=400,
+                          teacher_steps=teacher_steps, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory, alpaca_small) -> dict[str, str]:
+    """{'teacher': path, 'student': path}: Qwen2-style, teacher briefly fine-tuned so it is peaked."""
+    return _tiny_pair(tmp_path_factory, "causal", alpaca_small, teacher_steps=30)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory, alpaca_small) -> dict[str, str]:
+    """{'teacher': path, 'student': path}: T5 v1.1-style, teacher briefly fine-tuned."""
+    return _tiny_pair(tmp_path_factory, "t5", alpaca_small, teacher_steps=30)
+
+
+def run_config(teacher: str | None, student: str, data: Path, output_dir: Path, **training) -> dict:
+    """A small RunConfig dict for tests; callers adjust `objectives` etc."""
+    cfg = {
+        "student": {"name_or_path": student},
+        "data": {"train": str(data), "max_length": 64},
+        "training": {"output_dir": str(output_dir), "per_device_train_batch_size": 4, "max_steps": 2,
+                     "learning_rate": 1e-3, "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
+                     "dataloader_pin_memory": False, **training},
+    }
+    if teacher:
+        cfg["teacher"] = {"name_or_path": teacher}
+    return cfg
