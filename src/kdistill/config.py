@@ -253,12 +253,14 @@ def _set_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
+def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) -> RunConfig:
     """Cross-field checks that a dataclass field alone cannot express."""
     from kdistill.objectives import OBJECTIVES
 
     if not cfg.student.name_or_path:
         raise ConfigError(f"{source}: student.name_or_path is required")
+    if not cfg.data.train:
+        raise ConfigError(f"{source}: data.train is required")
     if not cfg.objectives:
         raise ConfigError(f"{source}: objectives is empty; give at least one (e.g. ce)")
     for key, obj in cfg.objectives.items():
@@ -276,11 +278,12 @@ def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
         if OBJECTIVES[obj.type].needs_teacher and not cfg.teacher.name_or_path:
             raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set teacher.name_or_path "
                               "or remove the objective")
-    if not cfg.data.train:
-        raise ConfigError(f"{source}: data.train is required")
-    unknown = set(cfg.training) - _training_argument_names()
+    unknown = sorted(set(cfg.training) - _training_argument_names())
     if unknown:
-        raise ConfigError(f"{source}: training: unknown TrainingArguments field(s): {', '.join(sorted(unknown))}")
+        line = (lines or {}).get(("training", unknown[0]))
+        place = f"{source}:{line}" if line else source
+        raise ConfigError(f"{place}: training.{unknown[0]}: not a transformers.TrainingArguments field"
+                          + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
     if not cfg.training.get("output_dir"):
         raise ConfigError(f"{source}: training.output_dir is required")
     return cfg
@@ -289,7 +292,7 @@ def validate(cfg: RunConfig, source: str = "config") -> RunConfig:
 def config_from_dict(raw: dict, source: str = "config", lines: dict | None = None) -> RunConfig:
     """Build and validate a RunConfig; an explicit `objectives` mapping replaces the default one entirely."""
     cfg = _build(RunConfig, raw or {}, (), lines or {}, source)
-    return validate(cfg, source)
+    return validate(cfg, source, lines)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -4,7 +4,9 @@ The trainer computes the forward passes once, aligns positions once (the causal 
 `kdistill.trainer.DistillTrainer._align`, nowhere else) and hands every objective the same `DistillBatch`.
 An objective returns a loss already normalised by `batch.num_items`, the global number of trained tokens in
 the optimizer step (all gradient-accumulation micro-batches, all processes), so that accumulation and data
-parallelism leave the objective unchanged. Adding a method = one class here + an example config.
+parallelism leave the objective unchanged. Its metrics are normalised the same way (a count over this
+micro-batch's tokens / num_items), so they too add up to token-weighted means over the whole step.
+Adding a method = one class here + an example config.
 """
 
 from __future__ import annotations
@@ -90,8 +92,8 @@ class LogitKD(Objective):
         loss = self.divergence(student, teacher, mask=mask, temperature=self.cfg.temperature,
                                num_items=batch.num_items, **self.params)
         with torch.no_grad():
-            agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).float()
-            metrics = {"top1_agreement": agree.mean() if agree.numel() else 0.0}
+            agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).sum().float()
+            metrics = {"top1_agreement": agree / _as_float(batch.num_items, agree)}
         return loss, metrics
 
 

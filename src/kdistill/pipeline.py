@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,22 @@ def training_arguments(cfg: RunConfig):
     from transformers import TrainingArguments
 
     kwargs: dict[str, Any] = {"report_to": "none", "seed": cfg.seed, "remove_unused_columns": False,
-                              "label_names": ["labels"]}
+                              "label_names": ["labels"],
+                              # pinned host memory only helps when batches are copied to a GPU
+                              "dataloader_pin_memory": torch.cuda.is_available()}
+    if not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a machine with no accelerator:
+        # without use_cpu, transformers would quietly run every process as an independent single-process job.
+        kwargs["use_cpu"] = True
     kwargs.update(cfg.training)
     return TrainingArguments(**kwargs)
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 @dataclass

@@ -115,7 +115,7 @@ class DistillTrainer(Trainer):
             total = weight * loss if total is None else total + weight * loss
             self._record(mode, f"loss/{name}", loss.detach() * scale, additive=True)
             for key, value in metrics.items():
-                self._record(mode, f"{name}/{key}", value, additive=False)
+                self._record(mode, f"{name}/{key}", value * scale, additive=True)
         total = total * scale
         return (total, batch.student_outputs) if return_outputs else total
 
@@ -127,7 +127,9 @@ class DistillTrainer(Trainer):
 
     # -------------------------------------------------------------------------------------------------- logs
     def _record(self, mode: str, key: str, value: float | torch.Tensor, additive: bool) -> None:
-        """Loss terms add up over the micro-batches of an optimizer step; metrics are averaged per micro-batch.
+        """Additive values (terms normalised by the step's global token count) add up over the micro-batches of an
+        optimizer step and are divided by the optimizer steps since the last log; other values, and every value
+        in evaluation (where each batch is normalised by its own count), are averaged per micro-batch.
 
         Values may be 0-dim tensors: they are summed on the device and read once, at log time (no per-step sync).
         """

@@ -8,7 +8,7 @@ Common signature::
 
 Inputs
     student_logits, teacher_logits : (..., V) tensors of any float dtype; the leading dims are positions
-        (e.g. (B, T) or (N,)). Computation is upcast to float32.
+        (e.g. (B, T) or (N,)). Computation is upcast to float32 (float64 inputs stay float64).
     mask : optional bool tensor of the leading shape; True marks a position that counts. Positions with
         False never enter the value or the gradient (they are dropped before any arithmetic).
     temperature : T > 0. Both distributions are softened, P = softmax(logits / T), and the per-position
@@ -126,8 +126,9 @@ def _divergence(per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         leading = student_logits.shape[:-1]
         s, t, flat = _select(student_logits, teacher_logits, mask)
-        log_ps = F.log_softmax(s.float() / temperature, dim=-1)
-        log_pt = F.log_softmax(t.float() / temperature, dim=-1)
+        dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)  # >= float32
+        log_ps = F.log_softmax(s.to(dtype) / temperature, dim=-1)
+        log_pt = F.log_softmax(t.to(dtype) / temperature, dim=-1)
         values = per_row(log_ps, log_pt) * (temperature ** 2)
         return reduce_positions(values, leading, flat, reduction, num_items)
 
