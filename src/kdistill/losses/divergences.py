@@ -177,6 +177,15 @@ def jsd(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="m
     return _divergence(per_row)(student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
+def _skew_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
+    """KL(P || alpha * P + (1 - alpha) * Q) per row; alpha = 0 is KL(P || Q), alpha = 1 gives 0."""
+    if alpha == 1.0:
+        return (log_p * 0.0).sum(-1)
+    if alpha == 0.0:
+        return _kl_rows(log_p, log_q)
+    return _kl_rows(log_p, _log_mixture(log_p, log_q, alpha))
+
+
 def skew_forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="mean",
                     num_items=None, alpha=0.1):
     """Skew forward KL, KL(P_t || alpha * P_t + (1 - alpha) * P_s), per position (DistiLLM, Ko et al., 2024).
@@ -185,15 +194,8 @@ def skew_forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, 
     the divergence and its gradient bounded where the student gives a teacher token almost no mass.
     """
     _check_unit_interval("alpha", alpha)
-
-    def per_row(ls, lt):
-        if alpha == 1.0:
-            return (ls * 0.0).sum(-1)
-        if alpha == 0.0:
-            return _kl_rows(lt, ls)
-        return _kl_rows(lt, _log_mixture(lt, ls, alpha))
-
-    return _divergence(per_row)(student_logits, teacher_logits, mask, temperature, reduction, num_items)
+    return _divergence(lambda ls, lt: _skew_kl_rows(lt, ls, alpha))(
+        student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
 def skew_reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="mean",
@@ -203,15 +205,8 @@ def skew_reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, 
     alpha = 0 is the reverse KL; alpha = 1 gives 0.
     """
     _check_unit_interval("alpha", alpha)
-
-    def per_row(ls, lt):
-        if alpha == 1.0:
-            return (ls * 0.0).sum(-1)
-        if alpha == 0.0:
-            return _kl_rows(ls, lt)
-        return _kl_rows(ls, _log_mixture(ls, lt, alpha))
-
-    return _divergence(per_row)(student_logits, teacher_logits, mask, temperature, reduction, num_items)
+    return _divergence(lambda ls, lt: _skew_kl_rows(ls, lt, alpha))(
+        student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
 def tvd(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="mean", num_items=None):
