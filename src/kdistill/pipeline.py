@@ -18,8 +18,8 @@ import torch
 
 from kdistill.config import RunConfig, save_config
 from kdistill.data import DataCollatorForDistillation, encode_examples, load_examples
-from kdistill.models import (apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model,
-                             load_tokenizer, save_student)
+from kdistill.models import (_DTYPES, apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size,
+                             load_model, load_tokenizer, save_student, shrink)
 from kdistill.objectives import build_objectives
 from kdistill.trainer import DistillTrainer
 
@@ -106,6 +106,8 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     from transformers import set_seed
 
     set_seed(cfg.seed)
+    if cfg.task == "embedding":
+        return _prepare_embedding(cfg, callbacks)
     tokenizer = load_tokenizer(cfg.student)
     has_teacher = bool(cfg.teacher.name_or_path)
     encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
@@ -127,17 +129,108 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
         reports.append(eval_report)
 
     student = load_model(cfg.student, role="student")
+    if cfg.student.layers:
+        student = shrink(student, cfg.student.layers)
     teacher = load_model(cfg.teacher, role="teacher") if has_teacher else None
     kd_vocab = kd_vocab_size(tokenizer, teacher, student) if teacher is not None else None
     if cfg.lora.enabled:
         student = apply_lora(student, cfg.lora)
+    objectives = build_objectives(cfg.objectives)
+    for objective, _ in objectives.values():
+        objective.setup(student, teacher)
 
     args = training_arguments(cfg)
     collator = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id)
-    trainer = DistillTrainer(model=student, teacher=teacher, objectives=build_objectives(cfg.objectives),
+    trainer = DistillTrainer(model=student, teacher=teacher, objectives=objectives,
                              kd_vocab=kd_vocab, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     return Prepared(cfg=cfg, tokenizer=tokenizer, student=student, teacher=teacher, trainer=trainer, data=reports)
+
+
+EMBEDDING_KINDS = ("triplet", "pair_score", "sentence")
+
+
+def load_embedder(model_cfg, emb_cfg, role: str):
+    """An Embedder per the `student`/`teacher` and `embedding` sections (layers kept as `model_cfg.layers`)."""
+    from kdistill.embedder import Embedder
+
+    kwargs = {"dtype": _DTYPES[model_cfg.dtype]} if model_cfg.dtype != "auto" else {}
+    embedder = Embedder.from_pretrained(
+        model_cfg.name_or_path, pooling=None if emb_cfg.pooling == "auto" else emb_cfg.pooling,
+        normalize=emb_cfg.normalize, append_eos=emb_cfg.append_eos,
+        max_length=emb_cfg.max_length if role == "student" else None,
+        trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    if model_cfg.layers:
+        embedder.backbone = shrink(embedder.backbone, model_cfg.layers)
+    logger.info("loaded %s embedder %s (%s pooling, %d layers kept of the checkpoint's, %.1fM parameters)", role,
+                model_cfg.name_or_path, embedder.pooling, embedder.config.num_hidden_layers,
+                sum(p.numel() for p in embedder.parameters()) / 1e6)
+    return embedder
+
+
+def attach_teacher_embeddings(examples, rows: list[dict], teacher, batch_size: int) -> None:
+    """Run the frozen teacher once over every distinct text and store `teacher_<field>` vectors in each row.
+
+    The teacher reads the raw text with its own tokenizer, so teacher and student need not share a vocabulary,
+    and an epoch of training costs no teacher forward pass.
+    """
+    from kdistill.data.embedding import TEXT_FIELDS
+
+    fields = [*TEXT_FIELDS, "sentence1", "sentence2", "text"]
+    texts = sorted({t for ex in examples for f in fields
+                    for t in ([ex.fields[f]] if isinstance(ex.fields.get(f), str) else ex.fields.get(f) or [])})
+    vectors = teacher.encode(texts, batch_size=batch_size, show_progress=True)
+    index = {t: i for i, t in enumerate(texts)}
+    for ex, row in zip(examples, rows):
+        for f in fields:
+            value = ex.fields.get(f)
+            if isinstance(value, str):
+                row[f"teacher_{f}"] = vectors[index[value]].tolist()
+            elif isinstance(value, list):
+                row[f"teacher_{f}"] = [vectors[index[t]].tolist() for t in value]
+
+
+def _load_embedding_split(cfg, source, split, limit, tokenizer, append_eos):
+    from kdistill.data import load_examples
+    from kdistill.data.embedding import encode_embedding_examples
+
+    loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
+                           limit=limit)
+    wrong = sorted({ex.kind for ex in loaded.examples} - set(EMBEDDING_KINDS))
+    if wrong:
+        raise ValueError(f"{source}: task embedding needs triplet, pair_score or sentence rows, found {wrong}")
+    rows = encode_embedding_examples(loaded.examples, tokenizer, max_length=cfg.embedding.max_length,
+                                     append_eos=append_eos)
+    report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped))
+    return loaded.examples, rows, report
+
+
+def _prepare_embedding(cfg: RunConfig, callbacks) -> Prepared:
+    from kdistill.data.embedding import EmbeddingCollator
+
+    student = load_embedder(cfg.student, cfg.embedding, "student")
+    examples, rows, report = _load_embedding_split(cfg, cfg.data.train, cfg.data.split, cfg.data.limit,
+                                                   student.tokenizer, student.append_eos)
+    objectives = build_objectives(cfg.objectives)
+    teacher = None
+    if cfg.teacher.name_or_path:
+        teacher = load_embedder(cfg.teacher, cfg.embedding, "teacher")
+        attach_teacher_embeddings(examples, rows, teacher, cfg.embedding.encode_batch_size)
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+
+        student.backbone = get_peft_model(student.backbone, PeftLoraConfig(
+            task_type=TaskType.FEATURE_EXTRACTION, r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules))
+    for objective, _ in objectives.values():
+        objective.setup(student, teacher)
+    args = training_arguments(cfg)
+    trainer = DistillTrainer(model=student, teacher=None, objectives=objectives, args=args,
+                             train_dataset=ListDataset(rows),
+                             data_collator=EmbeddingCollator(pad_token_id=student.tokenizer.pad_token_id),
+                             processing_class=student.tokenizer, callbacks=callbacks)
+    return Prepared(cfg=cfg, tokenizer=student.tokenizer, student=student, teacher=teacher, trainer=trainer,
+                    data=[report])
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
@@ -159,7 +252,10 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
         logger.info("resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():
-        save_student(trainer.model, prepared.tokenizer, output_dir, merge_lora=cfg.lora.merge)
+        if cfg.task == "embedding":
+            prepared.student.save(output_dir)
+        else:
+            save_student(trainer.model, prepared.tokenizer, output_dir, merge_lora=cfg.lora.merge)
         save_config(cfg, output_dir)
     summary = {
         "output_dir": output_dir,

@@ -26,24 +26,39 @@ class DistillTrainer(Trainer):
     # compute_loss returns losses normalised by the step's global token count: Trainer must not rescale them.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher: torch.nn.Module | None = None,
+    def __init__(self, model=None, args=None, *rest, teacher: torch.nn.Module | None = None,
                  objectives: dict[str, tuple[Objective, float]] | None = None,
                  kd_vocab: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
         if not objectives:
             raise ValueError("DistillTrainer needs at least one objective")
+        # LM objectives read a live teacher; embedding objectives read teacher embeddings computed beforehand.
+        live = [n for n, (o, _) in objectives.items() if o.needs_teacher and o.task == "lm"]
+        if live and teacher is None:
+            raise ValueError(f"objective(s) {', '.join(live)} need a teacher, but none was given")
+        self._attach_objective_parts(model, objectives)
+        super().__init__(model, args, *rest, **kwargs)
         self.objectives = objectives
         self.kd_vocab = kd_vocab
-        self.needs_teacher = any(obj.needs_teacher for obj, _ in objectives.values())
-        if self.needs_teacher and teacher is None:
-            names = [n for n, (o, _) in objectives.items() if o.needs_teacher]
-            raise ValueError(f"objective(s) {', '.join(names)} need a teacher, but none was given")
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         config = self.accelerator.unwrap_model(self.model).config
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         self._terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0]),
                                                            "eval": defaultdict(lambda: [0.0, 0])}
         self._last_logged_step = 0
+
+    @staticmethod
+    def _attach_objective_parts(model, objectives) -> None:
+        """Objectives with trainable parts (projections) become submodules of the trained model, so the optimizer,
+        data-parallel gradient averaging and checkpoints include them. Exports save the student alone."""
+        from kdistill.embedder import Embedder
+
+        parts = {name: obj for name, (obj, _) in objectives.items() if any(True for _ in obj.parameters())}
+        if not parts:
+            return
+        if not isinstance(model, Embedder):
+            raise NotImplementedError(f"objective(s) {', '.join(parts)} have trainable parts, which are supported "
+                                      "for embedding students only so far")
+        model.objective_parts = torch.nn.ModuleDict(parts)
 
     # ------------------------------------------------------------------------------------------------ teacher
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -53,25 +68,36 @@ class DistillTrainer(Trainer):
             teacher.to(self.args.device)
         return teacher
 
-    # ------------------------------------------------------------------------------------- normalisation count
+    # ------------------------------------------------------------------------------------ normalisation counts
     def _count_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Trained positions in a batch, after the causal shift (the first label never is a target)."""
         if self.is_encoder_decoder:
             return labels.ne(-100).sum()
         return labels[..., 1:].ne(-100).sum()
 
+    @staticmethod
+    def _count_examples(batch: dict[str, Any]) -> int:
+        for key in ("input_ids", "anchor_input_ids", "text_input_ids", "sentence1_input_ids"):
+            if key in batch:
+                return int(batch[key].shape[0])
+        raise ValueError(f"cannot tell the batch size from keys {sorted(batch)}")
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        """Global number of trained tokens over the optimizer step's micro-batches and all processes."""
-        if not batch_samples or "labels" not in batch_samples[0]:
+        """Global counts over the optimizer step's micro-batches and all processes:
+        {"tokens": trained tokens (LM batches), "examples": examples}."""
+        if not batch_samples:
             return None
-        count = sum(self._count_targets(b["labels"]) for b in batch_samples).to(device)
+        tokens = sum(int(self._count_targets(b["labels"])) if "labels" in b else 0 for b in batch_samples)
+        examples = sum(self._count_examples(b) for b in batch_samples)
+        counts = torch.tensor([tokens, examples], dtype=torch.long, device=device)
         if self.args.world_size > 1:
-            count = self.accelerator.gather(count.reshape(1)).sum()
-        return count
+            counts = self.accelerator.gather(counts.reshape(1, 2)).sum(0)
+        return {"tokens": counts[0], "examples": counts[1]}
 
     # ------------------------------------------------------------------------------------------- forward pass
     def _model_inputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                                                  "decoder_attention_mask")}
         if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
             base = self.accelerator.unwrap_model(model)
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -86,26 +112,42 @@ class DistillTrainer(Trainer):
         logits = logits[:, :-1]
         return logits if labels is None else (logits, labels[:, 1:])
 
-    def _forward(self, model, inputs, num_items_in_batch) -> DistillBatch:
+    def _lm_forward(self, model, inputs, need_teacher: bool, student: dict | None = None) -> dict[str, Any]:
+        """Student forward (need_teacher=False) or teacher forward on the same inputs (need_teacher=True)."""
         model_inputs = self._model_inputs(model, inputs)
-        student_out = model(**model_inputs)
-        student_logits, targets = self._align(student_out.logits, inputs["labels"])
-        teacher_out = teacher_logits = None
-        if self.needs_teacher:
-            teacher_device = next(self.teacher.parameters()).device
-            with torch.no_grad():
-                teacher_out = self.teacher(**{k: v.to(teacher_device) if torch.is_tensor(v) else v
-                                              for k, v in model_inputs.items()})
-            teacher_logits = self._align(teacher_out.logits).to(student_logits.device)
-        num_items = num_items_in_batch if num_items_in_batch is not None else targets.ne(-100).sum()
-        return DistillBatch(inputs=inputs, student_logits=student_logits, targets=targets, num_items=num_items,
-                            teacher_logits=teacher_logits, kd_vocab=self.kd_vocab,
-                            student_outputs=student_out, teacher_outputs=teacher_out)
+        if not need_teacher:
+            out = model(**model_inputs)
+            logits, targets = self._align(out.logits, inputs["labels"])
+            return {"student_outputs": out, "student_logits": logits, "targets": targets}
+        if self.teacher is None:
+            raise RuntimeError("an objective asked for teacher logits, but the run has no teacher")
+        device = next(self.teacher.parameters()).device
+        with torch.no_grad():
+            out = self.teacher(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()})
+        return {"teacher_outputs": out,
+                "teacher_logits": self._align(out.logits).to(student["student_logits"].device)}
+
+    def _embed(self, model, inputs, field: str, role: str) -> torch.Tensor:
+        """Pooled embeddings of one text field, by the student (with grad) or the frozen teacher."""
+        ids, mask = inputs[f"{field}_input_ids"], inputs[f"{field}_attention_mask"]
+        if role != "student":
+            raise RuntimeError(f"no precomputed teacher embeddings for field {field!r} in this batch "
+                               f"(expected key teacher_{field})")
+        return model(input_ids=ids, attention_mask=mask)
+
+    def _batch(self, model, inputs, num_items_in_batch) -> DistillBatch:
+        if num_items_in_batch is None:  # evaluation: normalise by this batch's own counts
+            tokens = self._count_targets(inputs["labels"]) if "labels" in inputs else 0
+            num_items_in_batch = {"tokens": tokens, "examples": self._count_examples(inputs)}
+        return DistillBatch(
+            inputs, num_items_in_batch["tokens"], num_items_in_batch["examples"], kd_vocab=self.kd_vocab,
+            lm_forward=lambda inp, need_teacher, student=None: self._lm_forward(model, inp, need_teacher, student),
+            embed=lambda field, role: self._embed(model, inputs, field, role))
 
     # ----------------------------------------------------------------------------------------------- the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        batch = self._forward(model, inputs, num_items_in_batch)
+        batch = self._batch(model, inputs, num_items_in_batch)
         # Under data parallelism gradients are averaged over processes; each process's loss is its share of the
         # global sum / global count, so scale by the process count to make the average the global mean.
         scale = self.accelerator.num_processes if (mode == "train" and num_items_in_batch is not None) else 1
@@ -117,7 +159,8 @@ class DistillTrainer(Trainer):
             for key, value in metrics.items():
                 self._record(mode, f"{name}/{key}", value * scale, additive=True)
         total = total * scale
-        return (total, batch.student_outputs) if return_outputs else total
+        outputs = batch.student_outputs if return_outputs and "labels" in inputs else None
+        return (total, outputs) if return_outputs else total
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

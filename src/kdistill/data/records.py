@@ -2,12 +2,28 @@
 
 A data source is a local JSON Lines file, a local JSON file (an array of objects, a single object, or
 JSON Lines saved under a ``.json`` name), or a Hugging Face ``datasets`` hub id / local dataset folder.
-Every row becomes an :class:`Example` of one of three kinds:
+Every row becomes an :class:`Example` of one of three language-model kinds:
 
 * ``alpaca``: ``{"instruction": str, "input": str (optional, default ""), "output": str}``
 * ``prompt_completion``: ``{"prompt": str, "completion": str}``
 * ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``,
   with at least one assistant message and the last message from the assistant.
+
+and, for embedding (sentence-encoder) distillation, one of three more:
+
+* ``triplet``: ``{"anchor": str, "positive": str, "negative": str | [str, ...] (optional)}``. The
+  SimCSE names ``sent0`` / ``sent1`` / ``hard_neg`` and the fact-checking names ``consensus`` /
+  ``supporting`` / ``refuting`` are accepted for the same three fields (one naming family per row).
+  ``fields["negative"]`` is always a non-empty list of strings (several hard negatives) and is absent
+  when the row has no negative: such a row is an (anchor, positive) pair, still of kind ``triplet``.
+* ``pair_score``: ``{"sentence1": str, "sentence2": str, "score": number}`` (finite, not a boolean);
+  the SICK names ``sentence_A`` / ``sentence_B`` / ``relatedness_score`` are accepted too.
+  ``fields["score"]`` is a ``float``.
+* ``sentence``: ``{"text": str}`` (or ``{"sentence": str}``).
+
+Text fields of the embedding kinds must not be empty or whitespace-only. Keys that belong to no shape
+(an STS-B ``genre``, a SICK ``entailment_label``) are ignored. Auto-detection tries the LM kinds first,
+exactly as for LM-only data, then ``triplet``, ``pair_score`` and ``sentence`` by their keys.
 
 The whole source is checked before anything is returned, so a bad row is reported before any training
 starts. Each problem is reported as ``"<file>:<line>: <reason>"`` where ``<line>`` is the 1-based line
@@ -20,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -31,18 +48,47 @@ __all__ = [
     "DataValidationError",
     "Example",
     "LoadedData",
+    "EMBEDDING_FORMATS",
     "FORMATS",
+    "LM_FORMATS",
     "ROLES",
     "load_examples",
     "load_rows",
 ]
 
-FORMATS = ("alpaca", "prompt_completion", "messages")
+LM_FORMATS = ("alpaca", "prompt_completion", "messages")
+EMBEDDING_FORMATS = ("triplet", "pair_score", "sentence")
+FORMATS = LM_FORMATS + EMBEDDING_FORMATS
 ROLES = ("system", "user", "assistant")
 _MAX_LISTED = 50
 _JSON_WS = " \t\n\r"
 _SHAPES = ("'messages' (messages), 'instruction' + 'output' with optional 'input' (alpaca), "
-           "or 'prompt' + 'completion' (prompt_completion)")
+           "'prompt' + 'completion' (prompt_completion), 'anchor' + 'positive' with optional 'negative' "
+           "(triplet; also 'sent0'/'sent1'/'hard_neg' or 'consensus'/'supporting'/'refuting'), "
+           "'sentence1' + 'sentence2' + 'score' (pair_score; also 'sentence_A'/'sentence_B'/"
+           "'relatedness_score'), or 'text' (sentence; also 'sentence')")
+
+# Embedding kinds: the accepted naming families, each mapping the row's keys to the canonical names.
+# The first family of each kind holds the canonical names themselves.
+_ALIASES: dict[str, tuple[dict[str, str], ...]] = {
+    "triplet": (
+        {"anchor": "anchor", "positive": "positive", "negative": "negative"},
+        {"sent0": "anchor", "sent1": "positive", "hard_neg": "negative"},  # SimCSE
+        {"consensus": "anchor", "supporting": "positive", "refuting": "negative"},
+    ),
+    "pair_score": (
+        {"sentence1": "sentence1", "sentence2": "sentence2", "score": "score"},
+        {"sentence_A": "sentence1", "sentence_B": "sentence2", "relatedness_score": "score"},  # SICK
+    ),
+    "sentence": ({"text": "text"}, {"sentence": "text"}),
+}
+# Keys whose presence makes auto-detection pick an embedding kind (after the LM kinds, in this order).
+# Negatives and scores alone do not: they say too little about the row.
+_DETECT_KEYS: tuple[tuple[str, frozenset], ...] = (
+    ("triplet", frozenset({"anchor", "positive", "sent0", "sent1", "consensus", "supporting"})),
+    ("pair_score", frozenset({"sentence1", "sentence2", "sentence_A", "sentence_B"})),
+    ("sentence", frozenset({"text", "sentence"})),
+)
 # "name" or "namespace/name" as the hub spells repository ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
@@ -71,7 +117,10 @@ class Example:
     """One validated training record.
 
     ``fields`` by ``kind``: alpaca -> instruction, input, output; prompt_completion -> prompt,
-    completion; messages -> messages (a list of ``{"role", "content"}`` dicts).
+    completion; messages -> messages (a list of ``{"role", "content"}`` dicts); triplet -> anchor,
+    positive and, when the row has one, negative (a non-empty list of strings); pair_score ->
+    sentence1, sentence2, score (a float); sentence -> text. Embedding rows are stored under these
+    canonical names whatever alias names the row used.
     ``source`` says where the row came from (``"path:line"`` or ``"hub_id[split]:row N"``).
     """
 
@@ -118,6 +167,9 @@ def _detect_format(row: Mapping) -> str | None:
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
+    for kind, keys in _DETECT_KEYS:
+        if any(key in row for key in keys):
+            return kind
     return None
 
 
@@ -187,6 +239,80 @@ def _check_messages(row: Mapping, problems: list[str]) -> list[dict] | None:
     return clean
 
 
+def _family(row: Mapping, kind: str, problems: list[str]) -> dict[str, str] | None:
+    """The naming family a row of an embedding kind uses (canonical when it uses none)."""
+    families = _ALIASES[kind]
+    used = [fam for fam in families if any(key in row for key in fam)]
+    if len(used) > 1:
+        names = "; ".join(
+            "/".join(repr(k) for k in fam) + " (found " + ", ".join(repr(k) for k in fam if k in row) + ")"
+            for fam in used)
+        problems.append(f"row mixes field names of different '{kind}' conventions: {names}; "
+                        f"use one naming per row")
+        return None
+    return used[0] if used else families[0]
+
+
+def _negatives(row: Mapping, name: str, problems: list[str]) -> list[str] | None:
+    value = row[name]
+    expected = f"field '{name}' must be a string or a non-empty list of strings"
+    if isinstance(value, str):
+        if not value.strip():
+            problems.append(f"field '{name}' is empty or whitespace-only")
+            return None
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        problems.append(f"{expected}, found {_type_name(value)}")
+        return None
+    if not value:
+        problems.append(f"{expected}, found an empty list")
+        return None
+    clean: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            problems.append(f"{name}[{i}] must be a string, found {_type_name(item)}")
+        elif not item.strip():
+            problems.append(f"{name}[{i}] is empty or whitespace-only")
+        else:
+            clean.append(item)
+    return clean if len(clean) == len(value) else None
+
+
+def _score(row: Mapping, name: str, problems: list[str], fmt: str) -> float | None:
+    if name not in row:
+        problems.append(f"missing required field '{name}' (format '{fmt}')")
+        return None
+    value = row[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.append(f"field '{name}' must be a number, found {_type_name(value)}")
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        problems.append(f"field '{name}' must be a finite number, found {value}")
+        return None
+    return value
+
+
+def _check_embedding_row(row: Mapping, kind: str, problems: list[str]) -> dict | None:
+    family = _family(row, kind, problems)
+    if family is None:
+        return None
+    name = {canonical: key for key, canonical in family.items()}  # canonical -> the row's key
+    fields: dict[str, Any] = {}
+    if kind == "triplet":
+        fields["anchor"] = _string_field(row, name["anchor"], problems, kind, nonblank=True)
+        fields["positive"] = _string_field(row, name["positive"], problems, kind, nonblank=True)
+        if name["negative"] in row:
+            fields["negative"] = _negatives(row, name["negative"], problems)
+    elif kind == "pair_score":
+        fields["sentence1"] = _string_field(row, name["sentence1"], problems, kind, nonblank=True)
+        fields["sentence2"] = _string_field(row, name["sentence2"], problems, kind, nonblank=True)
+        fields["score"] = _score(row, name["score"], problems, kind)
+    else:
+        fields["text"] = _string_field(row, name["text"], problems, kind, nonblank=True)
+    return fields
+
+
 def _check_row(row: Any, fmt: str) -> tuple[str | None, dict | None, list[str]]:
     """Validate one row. Returns ``(kind, fields, problems)``; kind/fields are None when invalid."""
     problems: list[str] = []
@@ -205,8 +331,10 @@ def _check_row(row: Any, fmt: str) -> tuple[str | None, dict | None, list[str]]:
         prompt = _string_field(row, "prompt", problems, kind)
         completion = _string_field(row, "completion", problems, kind, nonblank=True)
         fields = {"prompt": prompt, "completion": completion}
-    else:
+    elif kind == "messages":
         fields = {"messages": _check_messages(row, problems)}
+    else:
+        fields = _check_embedding_row(row, kind, problems)
     if problems:
         return None, None, problems
     return kind, fields, []
@@ -400,7 +528,7 @@ def load_examples(source: str, format: str = "auto", split: str = "train", skip_
     ``source``: a local ``.jsonl`` / ``.json`` file, or (when it is not an existing file) a Hugging Face
     dataset id or local dataset folder read with ``datasets.load_dataset(source, split=split)``.
     ``format``: ``"auto"`` (detected per row from its keys) or one of ``alpaca``, ``prompt_completion``,
-    ``messages`` (every row must then have that shape).
+    ``messages``, ``triplet``, ``pair_score``, ``sentence`` (every row must then have that shape).
 
     Every row is checked. With problems and ``skip_invalid=False`` a :class:`DataValidationError` lists
     them all; with ``skip_invalid=True`` the valid rows are returned and the problems are in

@@ -12,6 +12,12 @@ from kdistill.losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
+from kdistill.losses.contrastive import (
+    embedding_cosine,
+    embedding_mse,
+    info_nce,
+    similarity_kd,
+)
 
 __all__ = [
     "DIVERGENCES",
@@ -24,4 +30,8 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "tvd",
+    "embedding_cosine",
+    "embedding_mse",
+    "info_nce",
+    "similarity_kd",
 ]

