@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 PIP_CONSTRAINT := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo demo-t5 clean
+.PHONY: install test test-fast quickstart demo demo-t5 clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,11 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# The main job until the quickstart lands: offline logit KD of a tiny Qwen2-style pair on bundled Alpaca data.
+# The main job: distil all-MiniLM-L6-v2 into a 3-layer student offline; prints teacher vs students.
+quickstart: install
+	$(BIN)/kdistill quickstart
+
+# Offline logit KD of a tiny Qwen2-style pair on bundled Alpaca data.
 demo: install
 	$(BIN)/kdistill tiny --out runs/tiny-causal --kind causal --data ../shared/data/alpaca/alpaca_small_2000.jsonl --teacher-steps 60
 	$(BIN)/kdistill train examples/tiny/decoder_kd.yaml

@@ -48,13 +48,14 @@ def _quickstart_parser(sub) -> None:
                                    "distilled student, writes the student and a PNG chart.")
     p.add_argument("--out", default="runs/quickstart", help="Output folder (default: runs/quickstart)")
     p.add_argument("--sts", default="../shared/data/stsb/sts-dev.jsonl", help="STS pairs file (sentence1, sentence2, score)")
-    p.add_argument("--layers", default="0,2,4", help="Teacher layers the student keeps (default: 0,2,4)")
+    p.add_argument("--layers", default="0,4,5", help="Teacher layers the student keeps (default: 0,4,5)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (smoke runs)")
-    p.add_argument("--max-sentences", type=int, default=None, help="Use only the first N bundled sentences")
+    p.add_argument("--max-sentences", type=int, default=20000,
+                   help="Use the first N of the 42,205 bundled sentences (default: 20000)")
     p.add_argument("--sts-limit", type=int, default=None, help="Evaluate on the first N pairs only")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--loss", default="mse=1",
                    help="embedding_kd losses and weights, e.g. 'mse=1,similarity=0.5' (mse | cosine | similarity)")
 

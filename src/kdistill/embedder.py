@@ -54,6 +54,14 @@ class Embedder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """Recompute the backbone's activations in backward (TrainingArguments.gradient_checkpointing)."""
+        backbone = self.backbone
+        enable = getattr(backbone, "activation_checkpointing_enable", None) or backbone.gradient_checkpointing_enable
+        enable(**kwargs)
+        if hasattr(backbone, "enable_input_require_grads"):
+            backbone.enable_input_require_grads()  # LoRA: frozen embeddings still pass gradients to checkpoints
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         return pool(hidden, attention_mask, self.pooling, self.normalize)

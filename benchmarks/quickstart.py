@@ -1,0 +1,35 @@
+"""Quickstart benchmark: runs `kdistill quickstart` at its defaults and prints the two ratios the README records.
+
+Targets (issue #3): distilled student STS-B dev Spearman >= 97% of the teacher's, encode throughput >= 2x the
+teacher's. Throughput is measured by the quickstart itself: teacher and students encode the STS-B dev sentences
+in alternation, 3 rounds, median per model.
+
+    .venv/bin/python benchmarks/quickstart.py [--out runs/quickstart-bench]
+
+Not a test: timings on a shared 2-core machine are noisy; run it on an otherwise idle machine.
+"""
+
+import argparse
+
+import torch
+
+from kdistill.quickstart import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="runs/quickstart-bench")
+    args = parser.parse_args()
+    print(f"torch threads: {torch.get_num_threads()}")
+    result = run(out_dir=args.out)
+    teacher, _, student = result["reports"]
+    print(f"quickstart wall time: {result['seconds']:.0f} s")
+    print(f"spearman: teacher {teacher['spearman']:.2f}, student {student['spearman']:.2f}, "
+          f"ratio {100 * student['spearman'] / teacher['spearman']:.1f}% (target >= 97%)")
+    print(f"throughput: teacher {teacher['sentences_per_second']:.0f}/s, student "
+          f"{student['sentences_per_second']:.0f}/s, ratio "
+          f"{student['sentences_per_second'] / teacher['sentences_per_second']:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
