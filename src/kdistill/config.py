@@ -89,6 +89,8 @@ class ObjectiveConfig:
         None, "kd: loss temperature, both distributions softened, loss scaled by T^2 (default 1.0; not the "
               "sampling temperature). contrastive and embedding_kd/similarity: cosine-similarity temperature "
               "(default 0.05). The resolved value is saved with the run.")
+    view: str = _f("", "ce/kd: which token view of the batch: '' (the main one) or 'rationale' (distilling "
+                   "step-by-step: the rationale view built from data.stepbystep).")
     loss: str = _f("mse", "embedding_kd: mse | cosine (through a learned projection when widths differ) | "
                    "similarity (KL between in-batch similarity distributions).", ("mse", "cosine", "similarity"))
     beta: float = _f(0.5, "kd with jsd: mixture weight of the teacher in M (0.5 = Jensen-Shannon).")
@@ -120,6 +122,25 @@ class EmbeddingConfig:
     encode_batch_size: int = _f(128, "Batch size for encoding (teacher signals, evaluation).")
 
 
+@dataclass
+class StepByStepConfig:
+    """Distilling step-by-step (Hsieh et al., 2023): train on the label and on the LLM's rationale."""
+
+    dataset: str | None = _f(None, "Converter for data.train/data.eval: esnli | anli | cqa | svamp | generic "
+                             "({input, label, rationale}); empty = not a step-by-step run.",
+                             (None, "esnli", "anli", "cqa", "svamp", "generic"))
+    label_type: str = _f("gt", "Train the label view on ground-truth labels (gt) or the LLM's labels (llm).",
+                         ("gt", "llm"))
+    model_type: str = _f("task_prefix", "task_prefix: label and rationale views with prefixes; standard: the "
+                         "label view only, no prefix (plain fine-tuning).", ("task_prefix", "standard"))
+    label_prefix: str = _f("[label] ", "Prefix of the label view's input.")
+    rationale_prefix: str = _f("[rationale] ", "Prefix of the rationale view's input.")
+    prompt_suffix: str | None = _f(None, "Text between a view's input and its target: default a newline for causal "
+                                   "LMs (the answer starts on its own line), nothing for encoder-decoder models.")
+    max_new_tokens: int = _f(32, "Evaluation: tokens generated for a label.")
+    eval_batch_size: int = _f(32, "Evaluation: generation batch size.")
+
+
 def _default_objectives() -> dict[str, ObjectiveConfig]:
     return {"ce": ObjectiveConfig(weight=0.5), "kd": ObjectiveConfig(weight=0.5)}
 
@@ -143,6 +164,8 @@ class RunConfig:
         factory=_default_objectives)
     lora: LoraConfig = _f(help="LoRA on the student.", factory=LoraConfig)
     embedding: EmbeddingConfig = _f(help="task: embedding: pooling and text length.", factory=EmbeddingConfig)
+    stepbystep: StepByStepConfig = _f(help="Distilling step-by-step data and evaluation.",
+                                      factory=StepByStepConfig)
     training: dict[str, Any] = _f(
         help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",
         factory=_default_training)

@@ -22,56 +22,104 @@ import torch.nn.functional as F
 from kdistill.losses import DIVERGENCE_PARAMS, get_divergence
 
 
-class DistillBatch:
-    """One micro-batch as objectives see it.
+class LMView:
+    """One token view of a batch (the main one, or e.g. the rationale view of distilling step-by-step).
 
-    LM batches (`labels` present): `student_logits`, `teacher_logits` and `targets` are (B, T, ...) tensors in
-    which position i predicts `targets[:, i]`. Embedding batches: `embeddings(field)` gives the pooled (B, H)
-    student embedding of a text field (`anchor`, `positive`, `negative`, `text`, ...), and
-    `teacher_embeddings(field)` the teacher's (precomputed `teacher_<field>` tensors are used when present).
+    `student_logits`, `teacher_logits` and `targets` are (B, T, ...) tensors in which position i predicts
+    `targets[:, i]`; forward passes run on first access. `num_items` is the view's global trained-token count.
     """
 
-    def __init__(self, inputs: dict[str, Any], num_items, num_examples, *, lm_forward: Callable | None = None,
-                 embed: Callable | None = None, kd_vocab: int | None = None):
+    def __init__(self, inputs: dict[str, Any], num_items, forward: Callable):
         self.inputs = inputs
-        self.num_items = num_items          # global trained tokens in the optimizer step (LM objectives)
-        self.num_examples = num_examples    # global examples in the optimizer step (example-level objectives)
-        self.kd_vocab = kd_vocab            # leading vocabulary entries shared by teacher and student
-        self._lm_forward = lm_forward
-        self._embed = embed
-        self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
-
-    # ---------------------------------------------------------------------------------------------- LM view
-    @cached_property
-    def _lm(self) -> dict[str, Any]:
-        if self._lm_forward is None or "labels" not in self.inputs:
-            raise RuntimeError("this batch has no LM fields (labels); an LM objective cannot run on it")
-        return self._lm_forward(self.inputs, need_teacher=False)
+        self.num_items = num_items
+        self._forward = forward
 
     @cached_property
-    def _lm_teacher(self) -> torch.Tensor:
-        return self._lm_forward(self.inputs, need_teacher=True, student=self._lm)["teacher_logits"]
+    def _student(self) -> dict[str, Any]:
+        return self._forward(self.inputs, need_teacher=False)
+
+    @cached_property
+    def teacher_logits(self) -> torch.Tensor:
+        return self._forward(self.inputs, need_teacher=True, student=self._student)["teacher_logits"]
 
     @property
     def student_logits(self) -> torch.Tensor:
-        return self._lm["student_logits"]
+        return self._student["student_logits"]
 
     @property
     def targets(self) -> torch.Tensor:
-        return self._lm["targets"]
+        return self._student["targets"]
 
     @property
     def student_outputs(self):
-        return self._lm["student_outputs"]
-
-    @property
-    def teacher_logits(self) -> torch.Tensor:
-        return self._lm_teacher
+        return self._student["student_outputs"]
 
     @property
     def mask(self) -> torch.Tensor:
         """(B, T) bool: positions that are trained."""
         return self.targets.ne(-100)
+
+
+def view_prefix(view: str) -> str:
+    """Key prefix of a token view in a collated batch: '' -> input_ids/labels, 'rationale' -> rationale_input_ids."""
+    return f"{view}_" if view else ""
+
+
+class DistillBatch:
+    """One micro-batch as objectives see it.
+
+    LM batches: `view(name)` gives an `LMView` over the keys `{name}_input_ids`, `{name}_labels`, ... (the main
+    view, name '', reads `input_ids` and `labels`); `student_logits`, `teacher_logits`, `targets`, `mask` and
+    `num_items` are the main view's. Embedding batches: `embeddings(field)` gives the pooled (B, H) student
+    embedding of a text field (`anchor`, `positive`, `negative`, `text`, ...) and `teacher_embeddings(field)`
+    the teacher's, precomputed (`teacher_<field>` tensors).
+    """
+
+    def __init__(self, inputs: dict[str, Any], num_tokens: dict[str, Any], num_examples, *,
+                 lm_forward: Callable | None = None, embed: Callable | None = None, kd_vocab: int | None = None):
+        self.inputs = inputs
+        self.num_tokens = num_tokens        # view -> global trained tokens in the optimizer step
+        self.num_examples = num_examples    # global examples in the optimizer step (example-level objectives)
+        self.kd_vocab = kd_vocab            # leading vocabulary entries shared by teacher and student
+        self._lm_forward = lm_forward
+        self._embed = embed
+        self._views: dict[str, LMView] = {}
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------------------------------------- LM views
+    def view(self, name: str = "") -> LMView:
+        if name not in self._views:
+            prefix = view_prefix(name)
+            if self._lm_forward is None or f"{prefix}labels" not in self.inputs:
+                raise RuntimeError(f"this batch has no token view {name!r} (no {prefix}labels)")
+            keys = {k[len(prefix):]: v for k, v in self.inputs.items() if k.startswith(prefix)} if prefix else \
+                self.inputs
+            self._views[name] = LMView(keys, self.num_tokens[name], self._lm_forward)
+        return self._views[name]
+
+    @property
+    def num_items(self):
+        return self.view().num_items
+
+    @property
+    def student_logits(self) -> torch.Tensor:
+        return self.view().student_logits
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:
+        return self.view().teacher_logits
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.view().targets
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.view().mask
+
+    @property
+    def student_outputs(self):
+        return self.view().student_outputs
 
     # ------------------------------------------------------------------------------------- embedding view
     def has_field(self, field: str) -> bool:
@@ -79,21 +127,18 @@ class DistillBatch:
 
     def embeddings(self, field: str) -> torch.Tensor:
         """(N, H) student embeddings of a text field (negatives: (B*K, H), row b*K + k)."""
-        return self._embedding(field, "student")
+        if field not in self._embeddings:
+            if self._embed is None or not self.has_field(field):
+                raise RuntimeError(f"this batch has no text field {field!r} to embed")
+            self._embeddings[field] = self._embed(field)
+        return self._embeddings[field]
 
     def teacher_embeddings(self, field: str) -> torch.Tensor:
         cached = self.inputs.get(f"teacher_{field}")
-        if cached is not None:
-            return cached
-        return self._embedding(field, "teacher")
-
-    def _embedding(self, field: str, role: str) -> torch.Tensor:
-        key = (field, role)
-        if key not in self._embeddings:
-            if self._embed is None or not self.has_field(field):
-                raise RuntimeError(f"this batch has no text field {field!r} to embed")
-            self._embeddings[key] = self._embed(field, role)
-        return self._embeddings[key]
+        if cached is None:
+            raise RuntimeError(f"no precomputed teacher embeddings for field {field!r} in this batch "
+                               f"(expected key teacher_{field})")
+        return cached
 
 
 class Objective(torch.nn.Module):
@@ -128,15 +173,21 @@ def _as_float(count, like: torch.Tensor):
 
 
 class CrossEntropy(Objective):
-    """Token cross-entropy on the labels (the SFT loss): sum over trained tokens of -log P_s(y) / num_items."""
+    """Token cross-entropy on the labels (the SFT loss): sum over trained tokens of -log P_s(y) / num_items.
+
+    With `view: rationale` it is the rationale loss of distilling step-by-step (Hsieh et al., 2023):
+    objectives {ce: {weight: alpha}, rationale: {type: ce, view: rationale, weight: 1 - alpha}} give
+    alpha * L_label + (1 - alpha) * L_rationale, each a mean over its own view's tokens.
+    """
 
     type = "ce"
 
     def forward(self, batch):
-        mask = batch.mask
-        logits = batch.student_logits[mask].float()            # (N, V)
-        loss = F.cross_entropy(logits, batch.targets[mask], reduction="sum")
-        return loss / _as_float(batch.num_items, loss), {}
+        view = batch.view(self.cfg.view)
+        mask = view.mask
+        logits = view.student_logits[mask].float()             # (N, V)
+        loss = F.cross_entropy(logits, view.targets[mask], reduction="sum")
+        return loss / _as_float(view.num_items, loss), {}
 
 
 class LogitKD(Objective):
@@ -155,15 +206,16 @@ class LogitKD(Objective):
         self.params = {p: getattr(cfg, p) for p in DIVERGENCE_PARAMS[cfg.divergence]}
 
     def forward(self, batch):
-        student, teacher = batch.student_logits, batch.teacher_logits
+        view = batch.view(self.cfg.view)
+        student, teacher = view.student_logits, view.teacher_logits
         vocab = batch.kd_vocab or min(student.shape[-1], teacher.shape[-1])
         student, teacher = student[..., :vocab], teacher[..., :vocab]
-        mask = batch.mask
+        mask = view.mask
         loss = self.divergence(student, teacher, mask=mask, temperature=self.cfg.temperature,
-                               num_items=batch.num_items, **self.params)
+                               num_items=view.num_items, **self.params)
         with torch.no_grad():
             agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).sum().float()
-        return loss, {"top1_agreement": agree / _as_float(batch.num_items, agree)}
+        return loss, {"top1_agreement": agree / _as_float(view.num_items, agree)}
 
 
 class Contrastive(Objective):

@@ -51,6 +51,8 @@ class DataReport:
 
 
 def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
+    if cfg.stepbystep.dataset:
+        return _load_stepbystep_split(cfg, tokenizer, source, limit, encoder_decoder)
     loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
                            limit=limit)
     rows, stats = encode_examples(loaded.examples, tokenizer, template=cfg.data.template,
@@ -67,6 +69,91 @@ def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encod
     if not rows:
         raise ValueError(f"{source}: no usable examples after validation and truncation")
     return ListDataset(rows), report
+
+
+def _stepbystep_rows(cfg: RunConfig, source: str, limit, encoder_decoder: bool, label_type: str | None = None):
+    from kdistill.data.stepbystep import build_views, load_stepbystep
+
+    sbs = cfg.stepbystep
+    examples = load_stepbystep(source, sbs.dataset, skip_invalid=cfg.data.skip_invalid, limit=limit)
+    suffix = sbs.prompt_suffix if sbs.prompt_suffix is not None else ("" if encoder_decoder else "\n")
+    return examples, build_views(examples, label_type=label_type or sbs.label_type, model_type=sbs.model_type,
+                                 label_prefix=sbs.label_prefix, rationale_prefix=sbs.rationale_prefix,
+                                 prompt_suffix=suffix)
+
+
+def _load_stepbystep_split(cfg: RunConfig, tokenizer, source: str, limit, encoder_decoder: bool):
+    """Two token views per example: the label view (input_ids/labels) and the rationale view
+    (rationale_input_ids/rationale_labels). An example without a rationale gets an empty rationale view
+    (every label -100), so it adds nothing to the rationale loss or its token count."""
+    from kdistill.data import Example
+
+    _, views = _stepbystep_rows(cfg, source, limit, encoder_decoder)
+    kwargs = dict(template="plain", max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
+                  max_target_length=cfg.data.max_target_length)
+
+    def encode(prompt, completion, where):
+        return encode_examples([Example("prompt_completion", {"prompt": prompt, "completion": completion}, where)],
+                               tokenizer, **kwargs)
+
+    rows, truncated, dropped = [], 0, 0
+    for i, view in enumerate(views):
+        where = f"{source}:example {i}"
+        label_rows, stats = encode(view["prompt"], view["completion"], where)
+        truncated += stats.truncated
+        if not label_rows:
+            dropped += 1
+            continue
+        row = dict(label_rows[0])
+        rationale_rows = []
+        if view.get("rationale_completion"):
+            rationale_rows, stats = encode(view["rationale_prompt"], view["rationale_completion"], where)
+            truncated += stats.truncated
+        if rationale_rows:
+            row.update({f"rationale_{k}": v for k, v in rationale_rows[0].items()})
+        else:
+            row["rationale_input_ids"] = list(row["input_ids"])
+            row["rationale_labels"] = [-100] * len(row["labels"])
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{source}: no usable examples")
+    return ListDataset(rows), DataReport(source=source, examples=len(rows), truncated=truncated,
+                                         dropped_no_target=dropped)
+
+
+@dataclass
+class ViewCollator:
+    """Pads each token view of a batch separately (keys `input_ids`, `labels`, `rationale_input_ids`, ...)."""
+
+    base: Any
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        prefixes = sorted({k[: -len("input_ids")] for k in features[0] if k.endswith("input_ids")})
+        out: dict[str, Any] = {}
+        for prefix in prefixes:
+            sub = [{k[len(prefix):]: v for k, v in f.items()
+                    if k.startswith(prefix) and (prefix or not any(k.startswith(p) for p in prefixes if p))}
+                   for f in features]
+            out.update({f"{prefix}{k}": v for k, v in self.base(sub).items()})
+        return out
+
+
+def evaluate_stepbystep(cfg: RunConfig, model, tokenizer) -> dict:
+    """Label accuracy on data.eval: greedy generation from the label view's input, normalised exact match
+    (numeric comparison of the evaluated expressions for SVAMP)."""
+    from kdistill.evaluation.accuracy import label_accuracy
+    from kdistill.teachers import LocalTeacher
+
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    # evaluation scores against ground truth: llm labels only ever replace the training targets
+    examples, views = _stepbystep_rows(cfg, cfg.data.eval, cfg.data.eval_limit, encoder_decoder, label_type="gt")
+    generator = LocalTeacher(model, tokenizer=tokenizer, batch_size=cfg.stepbystep.eval_batch_size)
+    predictions = generator.generate([v["prompt"] for v in views], max_new_tokens=cfg.stepbystep.max_new_tokens,
+                                     do_sample=False)
+    result = label_accuracy(predictions, [ex.label for ex in examples], numeric=cfg.stepbystep.dataset == "svamp")
+    result["examples"] = [{"input": ex.input, "gold": ex.label, "prediction": p}
+                          for ex, p in zip(examples[:20], predictions[:20])]
+    return result
 
 
 def training_arguments(cfg: RunConfig):
@@ -141,6 +228,8 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
 
     args = training_arguments(cfg)
     collator = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id)
+    if cfg.stepbystep.dataset:
+        collator = ViewCollator(collator)
     trainer = DistillTrainer(model=student, teacher=teacher, objectives=objectives,
                              kd_vocab=kd_vocab, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
@@ -257,6 +346,11 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
         else:
             save_student(trainer.model, prepared.tokenizer, output_dir, merge_lora=cfg.lora.merge)
         save_config(cfg, output_dir)
+    evaluation = None
+    if cfg.stepbystep.dataset and cfg.data.eval and trainer.is_world_process_zero():
+        evaluation = evaluate_stepbystep(cfg, trainer.model, prepared.tokenizer)
+        logger.info("label accuracy on %s: %.4f (%d/%d, %d invalid)", cfg.data.eval, evaluation["accuracy"],
+                    evaluation["correct"], evaluation["total"], evaluation["invalid"])
     summary = {
         "output_dir": output_dir,
         "global_step": result.global_step,
@@ -265,6 +359,8 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
         "data": [dataclasses.asdict(r) | {"skipped_invalid": len(r.skipped_invalid)} for r in prepared.data],
         "log_history": trainer.state.log_history,
     }
+    if evaluation is not None:
+        summary["label_accuracy"] = evaluation
     if trainer.is_world_process_zero():
         (Path(output_dir) / "kdistill_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from kdistill.objectives import DistillBatch, Objective
+from kdistill.objectives import DistillBatch, Objective, view_prefix
 
 
 class DistillTrainer(Trainer):
@@ -82,17 +82,31 @@ class DistillTrainer(Trainer):
                 return int(batch[key].shape[0])
         raise ValueError(f"cannot tell the batch size from keys {sorted(batch)}")
 
+    @staticmethod
+    def _views(batch: dict[str, Any]) -> list[str]:
+        """Token views present in a batch: 'labels' -> '', 'rationale_labels' -> 'rationale'."""
+        return sorted(k[: -len("labels")].rstrip("_") for k in batch if k.endswith("labels"))
+
+    def _local_counts(self, batch: dict[str, Any]) -> tuple[dict[str, int], int]:
+        tokens = {view: int(self._count_targets(batch[f"{view_prefix(view)}labels"])) for view in self._views(batch)}
+        return tokens, self._count_examples(batch)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Global counts over the optimizer step's micro-batches and all processes:
-        {"tokens": trained tokens (LM batches), "examples": examples}."""
+        {"tokens": {view: trained tokens}, "examples": examples}."""
         if not batch_samples:
             return None
-        tokens = sum(int(self._count_targets(b["labels"])) if "labels" in b else 0 for b in batch_samples)
-        examples = sum(self._count_examples(b) for b in batch_samples)
-        counts = torch.tensor([tokens, examples], dtype=torch.long, device=device)
+        views = self._views(batch_samples[0])
+        totals = [0] * (len(views) + 1)
+        for batch in batch_samples:
+            tokens, examples = self._local_counts(batch)
+            for i, view in enumerate(views):
+                totals[i] += tokens[view]
+            totals[-1] += examples
+        counts = torch.tensor(totals, dtype=torch.long, device=device)
         if self.args.world_size > 1:
-            counts = self.accelerator.gather(counts.reshape(1, 2)).sum(0)
-        return {"tokens": counts[0], "examples": counts[1]}
+            counts = self.accelerator.gather(counts.reshape(1, -1)).sum(0)
+        return {"tokens": dict(zip(views, counts[:-1])), "examples": counts[-1]}
 
     # ------------------------------------------------------------------------------------------- forward pass
     def _model_inputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -127,22 +141,15 @@ class DistillTrainer(Trainer):
         return {"teacher_outputs": out,
                 "teacher_logits": self._align(out.logits).to(student["student_logits"].device)}
 
-    def _embed(self, model, inputs, field: str, role: str) -> torch.Tensor:
-        """Pooled embeddings of one text field, by the student (with grad) or the frozen teacher."""
-        ids, mask = inputs[f"{field}_input_ids"], inputs[f"{field}_attention_mask"]
-        if role != "student":
-            raise RuntimeError(f"no precomputed teacher embeddings for field {field!r} in this batch "
-                               f"(expected key teacher_{field})")
-        return model(input_ids=ids, attention_mask=mask)
-
     def _batch(self, model, inputs, num_items_in_batch) -> DistillBatch:
         if num_items_in_batch is None:  # evaluation: normalise by this batch's own counts
-            tokens = self._count_targets(inputs["labels"]) if "labels" in inputs else 0
-            num_items_in_batch = {"tokens": tokens, "examples": self._count_examples(inputs)}
+            tokens, examples = self._local_counts(inputs)
+            num_items_in_batch = {"tokens": tokens, "examples": examples}
         return DistillBatch(
             inputs, num_items_in_batch["tokens"], num_items_in_batch["examples"], kd_vocab=self.kd_vocab,
             lm_forward=lambda inp, need_teacher, student=None: self._lm_forward(model, inp, need_teacher, student),
-            embed=lambda field, role: self._embed(model, inputs, field, role))
+            embed=lambda field: model(input_ids=inputs[f"{field}_input_ids"],
+                                      attention_mask=inputs[f"{field}_attention_mask"]))
 
     # ----------------------------------------------------------------------------------------------- the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
