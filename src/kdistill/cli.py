@@ -132,15 +132,25 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval}
+def cmd_annotate(args) -> int:
+    from kdistill.annotate import run_cli
+
+    return run_cli(args)
+
+
+COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval,
+            "annotate": cmd_annotate}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdistill", description="Distil large language models into small ones.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    from kdistill.annotate import add_parser as add_annotate_parser
+
     _quickstart_parser(sub)
     _train_parser(sub)
+    add_annotate_parser(sub)
     _eval_parser(sub)
     _tiny_parser(sub)
     return parser
