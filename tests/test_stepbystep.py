@@ -97,6 +97,7 @@ def test_end_to_end_on_a_slice(kind, dataset, train, test, tiny_t5, tiny_causal,
     pair = tiny_t5 if kind == "t5" else tiny_causal
     cfg = sbs_config(pair["student"], train, dataset, tmp_path / "out", eval_file=test)
     cfg["training"].update(max_steps=8, logging_steps=4)
+    cfg["data"]["max_length"] = 256  # a causal LM sees question, five choices and answer in one sequence
     summary = run_training(config_from_dict(cfg))
     logged = [h for h in summary["log_history"] if "loss" in h]
     assert all({"loss/ce", "loss/rationale"} <= set(h) for h in logged)

@@ -116,7 +116,8 @@ def _load_stepbystep_split(cfg: RunConfig, tokenizer, source: str, limit, encode
             row["rationale_labels"] = [-100] * len(row["labels"])
         rows.append(row)
     if not rows:
-        raise ValueError(f"{source}: no usable examples")
+        raise ValueError(f"{source}: no usable examples: all {dropped} lost their target to truncation at "
+                         f"data.max_length={cfg.data.max_length}; raise it")
     return ListDataset(rows), DataReport(source=source, examples=len(rows), truncated=truncated,
                                          dropped_no_target=dropped)
 
