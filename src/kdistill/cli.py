@@ -118,9 +118,20 @@ def cmd_train(args) -> int:
     from kdistill.pipeline import run_training
 
     summary = run_training(cfg, resume=not args.no_resume)
+    _close_process_group()  # success path only: a barrier after a failure on one rank would hang the others
     final = {k: v for k, v in summary.items() if k != "log_history"}
     print(json.dumps(final, indent=2, default=str))
     return 0
+
+
+def _close_process_group() -> None:
+    """Multi-process runs: wait until rank 0 has saved, then tear the process group down before exit (left to
+    interpreter shutdown, gloo's threads can abort the process after the work is done)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def cmd_tiny(args) -> int:
