@@ -164,6 +164,11 @@ def test_cli_runs_the_tiny_example_config(tiny_causal, alpaca_small, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "kdistill_summary.json").read_text())
     assert summary["global_step"] == 6 and summary["resumed_from"].endswith("checkpoint-4")
+    # per-term logs after the resume cover only the steps since the last log, like the total does
+    after = [h for h in summary["log_history"] if "loss" in h and h["step"] > 4]
+    assert after
+    for h in after:
+        assert h["loss"] == pytest.approx(0.5 * h["loss/ce"] + 0.5 * h["loss/kd"], rel=1e-3)
 
 
 def test_tiny_command_writes_a_loadable_pair(tmp_path, alpaca_small, capsys):

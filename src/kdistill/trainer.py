@@ -44,7 +44,7 @@ class DistillTrainer(Trainer):
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         self._terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0]),
                                                            "eval": defaultdict(lambda: [0.0, 0])}
-        self._last_logged_step = 0
+        self._window_start: int | None = None  # global step when the current logging window opened
 
     @staticmethod
     def _attach_objective_parts(model, objectives) -> None:
@@ -183,6 +183,8 @@ class DistillTrainer(Trainer):
 
         Values may be 0-dim tensors: they are summed on the device and read once, at log time (no per-step sync).
         """
+        if mode == "train" and self._window_start is None:
+            self._window_start = self.state.global_step  # also right after resuming from a checkpoint
         slot = self._terms[mode][key]
         slot[0] += value
         if not additive or mode == "eval":
@@ -194,7 +196,7 @@ class DistillTrainer(Trainer):
         terms = self._terms[mode]
         if not terms:
             return {}
-        steps = max(self.state.global_step - self._last_logged_step, 1)
+        steps = max(self.state.global_step - (self._window_start or 0), 1)
         keys = sorted(terms)
         values = torch.tensor([float(terms[k][0]) / (steps if terms[k][1] == -1 else max(terms[k][1], 1))
                                for k in keys],
@@ -208,7 +210,7 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs = {**logs, **self._flush("train")}
-            self._last_logged_step = self.state.global_step
+            self._window_start = None
         elif any(k.startswith("eval_") for k in logs):
             logs = {**logs, **self._flush("eval")}
         super().log(logs, *args, **kwargs)
