@@ -81,7 +81,7 @@ class DataConfig:
 class ObjectiveConfig:
     """One term of the loss. `type` defaults to the objective's key in the `objectives` mapping."""
 
-    type: str | None = _f(None, "Objective type: ce | kd | contrastive | embedding_kd (default: the key).")
+    type: str | None = _f(None, "Objective type: ce | kd | hidden | contrastive | embedding_kd (default: the key).")
     weight: float = _f(1.0, "Weight of this term in the total loss.")
     divergence: str = _f("forward_kl", "kd: divergence between teacher and student next-token distributions.",
                          ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
@@ -95,6 +95,14 @@ class ObjectiveConfig:
                    "similarity (KL between in-batch similarity distributions).", ("mse", "cosine", "similarity"))
     beta: float = _f(0.5, "kd with jsd: mixture weight of the teacher in M (0.5 = Jensen-Shannon).")
     alpha: float = _f(0.1, "kd with skew_*: skew mixture weight.")
+    layer_map: Any = _f("uniform", "hidden: student -> teacher layer pairs, 'uniform' (student layer i <-> teacher "
+                        "layer round((i+1) * L_t / L_s) - 1, last meets last) or a list of [student, teacher] pairs "
+                        "of 0-based layer indices (negative counts from the end). T5: used for encoder and decoder.")
+    encoder_layer_map: Any = _f(None, "hidden, T5: layer map of the encoder stack (default: layer_map).")
+    decoder_layer_map: Any = _f(None, "hidden: layer map of the decoder stack (T5 decoder, or a causal LM's layers; "
+                                "default: layer_map).")
+    hidden_loss: str = _f("mse", "hidden: per-position distance between (projected) student and teacher hidden "
+                          "states: mse (mean over the width) or cosine (1 - cos).", ("mse", "cosine"))
 
 
 @dataclass
@@ -302,6 +310,21 @@ def _set_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _layer_map_problem(spec, optional: bool) -> str | None:
+    """What is wrong with a layer map's form (ranges are checked when the models are known), or None."""
+    if spec is None and optional:
+        return None
+    if spec == "uniform":
+        return None
+    if isinstance(spec, str) or not isinstance(spec, (list, tuple)) or not spec:
+        return f"expected 'uniform' or a non-empty list of [student, teacher] pairs, got {spec!r}"
+    for pair in spec:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or \
+                not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+            return f"{pair!r} is not a [student, teacher] pair of integers"
+    return None
+
+
 def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) -> RunConfig:
     """Cross-field checks that a dataclass field alone cannot express."""
     from kdistill.objectives import OBJECTIVES
@@ -330,6 +353,10 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
         for name in ("beta", "alpha"):
             if not 0.0 <= getattr(obj, name) <= 1.0:
                 raise ConfigError(f"{source}: objectives.{key}.{name} must be in [0, 1]")
+        for name in ("layer_map", "encoder_layer_map", "decoder_layer_map"):
+            problem = _layer_map_problem(getattr(obj, name), optional=name != "layer_map")
+            if problem:
+                raise ConfigError(f"{source}: objectives.{key}.{name}: {problem}")
         if OBJECTIVES[obj.type].needs_teacher and not cfg.teacher.name_or_path:
             raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set teacher.name_or_path "
                               "or remove the objective")

@@ -29,9 +29,12 @@ class LMView:
     `targets[:, i]`; forward passes run on first access. `num_items` is the view's global trained-token count.
     """
 
-    def __init__(self, inputs: dict[str, Any], num_items, forward: Callable):
+    def __init__(self, inputs: dict[str, Any], num_items, forward: Callable, num_positions: dict | None = None):
         self.inputs = inputs
         self.num_items = num_items
+        # stack ("encoder" / "decoder") -> global count of the positions hidden-state objectives compare, when
+        # the trainer computed it for the optimizer step (None: objectives fall back to local counts)
+        self.num_positions = num_positions
         self._forward = forward
 
     @cached_property
@@ -39,8 +42,17 @@ class LMView:
         return self._forward(self.inputs, need_teacher=False)
 
     @cached_property
+    def _teacher(self) -> dict[str, Any]:
+        return self._forward(self.inputs, need_teacher=True, student=self._student)
+
+    @property
     def teacher_logits(self) -> torch.Tensor:
-        return self._forward(self.inputs, need_teacher=True, student=self._student)["teacher_logits"]
+        return self._teacher["teacher_logits"]
+
+    @property
+    def teacher_outputs(self):
+        """The teacher's ModelOutput (no grad; hidden states on the teacher's device)."""
+        return self._teacher["teacher_outputs"]
 
     @property
     def student_logits(self) -> torch.Tensor:
@@ -76,9 +88,11 @@ class DistillBatch:
     """
 
     def __init__(self, inputs: dict[str, Any], num_tokens: dict[str, Any], num_examples, *,
-                 lm_forward: Callable | None = None, embed: Callable | None = None, kd_vocab: int | None = None):
+                 lm_forward: Callable | None = None, embed: Callable | None = None, kd_vocab: int | None = None,
+                 num_positions: dict[str, dict[str, Any]] | None = None):
         self.inputs = inputs
         self.num_tokens = num_tokens        # view -> global trained tokens in the optimizer step
+        self.num_positions = num_positions or {}  # view -> stack -> global hidden-state positions in the step
         self.num_examples = num_examples    # global examples in the optimizer step (example-level objectives)
         self.kd_vocab = kd_vocab            # leading vocabulary entries shared by teacher and student
         self._lm_forward = lm_forward
@@ -94,7 +108,7 @@ class DistillBatch:
                 raise RuntimeError(f"this batch has no token view {name!r} (no {prefix}labels)")
             keys = {k[len(prefix):]: v for k, v in self.inputs.items() if k.startswith(prefix)} if prefix else \
                 self.inputs
-            self._views[name] = LMView(keys, self.num_tokens[name], self._lm_forward)
+            self._views[name] = LMView(keys, self.num_tokens[name], self._lm_forward, self.num_positions.get(name))
         return self._views[name]
 
     @property
@@ -151,6 +165,7 @@ class Objective(torch.nn.Module):
 
     type: ClassVar[str]
     needs_teacher: ClassVar[bool] = False
+    needs_hidden_states: ClassVar[bool] = False  # the trainer asks student and teacher for output_hidden_states
     task: ClassVar[str] = "lm"      # "lm" (batches with labels) or "embedding" (batches with text fields)
     default_temperature: ClassVar[float] = 1.0
 
@@ -293,8 +308,133 @@ class EmbeddingKD(Objective):
         return total, {}
 
 
+def _num_layers(model, stack: str) -> int:
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        if stack == "encoder":
+            return int(config.num_layers)
+        return int(getattr(config, "num_decoder_layers", None) or config.num_layers)
+    return int(config.num_hidden_layers)
+
+
+def hidden_stacks(model) -> tuple[str, ...]:
+    """The layer stacks a hidden-state objective aligns: ('encoder', 'decoder') for T5, ('decoder',) otherwise."""
+    return ("encoder", "decoder") if getattr(model.config, "is_encoder_decoder", False) else ("decoder",)
+
+
+def hidden_position_mask(inputs: dict[str, Any], stack: str, encoder_decoder: bool) -> torch.Tensor:
+    """(B, T) bool: positions whose hidden states are compared. Causal LMs and T5 encoders: real tokens (the
+    attention mask; prompt tokens included, padding excluded). T5 decoders: positions with a label != -100."""
+    if encoder_decoder and stack == "decoder":
+        return inputs["labels"].ne(-100)
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+    return mask.bool()
+
+
+class HiddenAlignment(Objective):
+    """Align intermediate hidden states of mapped student/teacher layers (TinyBERT, Jiao et al., 2020; PKD, Sun
+    et al., 2019): for each stack and each mapped pair (i, j),
+
+        L_stack = (1 / |pairs|) * sum_(i, j) sum_(masked b, t) d(W_ij h^s_i[b, t], h^t_j[b, t]) / N_stack
+        loss    = sum over stacks (decoder only for causal LMs; encoder + decoder for T5)
+
+    with d = `hidden_loss` (mse: mean over the width; cosine: 1 - cos), h_i the output of 0-based layer i, i.e.
+    `hidden_states[i + 1]` (index 0 is the embedding output; the last entry is the final-norm output), and
+    W_ij a learned `Linear(student_width, teacher_width, bias=False)` when widths differ (identity otherwise),
+    trained with the student and left out of the exported student.
+
+    Masks: causal LMs and T5 encoders compare every real token (attention mask: prompt tokens too, padding
+    never); T5 decoders compare the positions with a label. N_stack is the number of masked positions of the
+    stack over the whole optimizer step (all accumulation micro-batches, all processes) when the trainer supplies
+    it (`LMView.num_positions`, as `DistillTrainer` does); otherwise the micro-batch's own count is used, which
+    makes the term a per-micro-batch mean (under gradient accumulation, micro-batches then count equally rather
+    than by their number of positions, and the term's scale grows with the number of accumulation steps).
+    """
+
+    type = "hidden"
+    needs_teacher = True
+    needs_hidden_states = True
+
+    def __init__(self, name, cfg):
+        super().__init__(name, cfg)
+        from kdistill.losses import HIDDEN_LOSSES
+
+        self.distance = HIDDEN_LOSSES[cfg.hidden_loss]
+        self.layer_maps: dict[str, list[tuple[int, int]]] = {}
+        self.encoder_decoder = False
+
+    def _spec(self, stack: str):
+        override = self.cfg.encoder_layer_map if stack == "encoder" else self.cfg.decoder_layer_map
+        return self.cfg.layer_map if override is None else override
+
+    def setup(self, student, teacher):
+        from kdistill.losses import resolve_layer_map
+
+        self.encoder_decoder = bool(getattr(student.config, "is_encoder_decoder", False))
+        s_dim, t_dim = int(student.config.hidden_size), int(teacher.config.hidden_size)
+        self.projections = torch.nn.ModuleDict()
+        for stack in hidden_stacks(student):
+            n_s, n_t = _num_layers(student, stack), _num_layers(teacher, stack)
+            try:
+                pairs = resolve_layer_map(self._spec(stack), n_s, n_t)
+            except ValueError as exc:
+                raise ValueError(f"objectives.{self.name} ({stack}): {exc}") from None
+            self.layer_maps[stack] = pairs
+            if s_dim != t_dim:
+                for i, j in pairs:
+                    key = self._key(stack, i, j)
+                    if key not in self.projections:
+                        self.projections[key] = torch.nn.Linear(s_dim, t_dim, bias=False)
+
+    @staticmethod
+    def _key(stack: str, i: int, j: int) -> str:
+        return f"{stack}_{i}_{j}"
+
+    @staticmethod
+    def _states(outputs, stack: str, encoder_decoder: bool):
+        states = (outputs.encoder_hidden_states if stack == "encoder" else outputs.decoder_hidden_states) \
+            if encoder_decoder else outputs.hidden_states
+        if states is None:
+            raise RuntimeError("the model returned no hidden states: the forward pass must run with "
+                               "output_hidden_states=True (DistillTrainer does so for objectives with "
+                               "needs_hidden_states)")
+        return states
+
+    def forward(self, batch):
+        from kdistill.losses import layer_output_index
+
+        if not self.layer_maps:
+            raise RuntimeError(f"objectives.{self.name}: setup(student, teacher) was not called")
+        view = batch.view(self.cfg.view)
+        student_out, teacher_out = view.student_outputs, view.teacher_outputs
+        total, metrics = None, {}
+        for stack, pairs in self.layer_maps.items():
+            s_states = self._states(student_out, stack, self.encoder_decoder)
+            t_states = self._states(teacher_out, stack, self.encoder_decoder)
+            mask = hidden_position_mask(view.inputs, stack, self.encoder_decoder).to(s_states[0].device)
+            count = (view.num_positions or {}).get(stack)
+            if count is None:
+                count = mask.sum()
+            stack_loss = None
+            for i, j in pairs:
+                student = s_states[layer_output_index(i)]                     # (B, T, H_s)
+                teacher = t_states[layer_output_index(j)].to(student.device)  # (B, T, H_t)
+                key = self._key(stack, i, j)
+                if key in self.projections:
+                    proj = self.projections[key]
+                    student = proj(student.to(proj.weight.dtype))             # (B, T, H_t)
+                loss = self.distance(student, teacher, mask=mask, reduction="sum")
+                stack_loss = loss if stack_loss is None else stack_loss + loss
+            stack_loss = stack_loss / len(pairs) / _as_float(count, stack_loss)
+            metrics[stack] = stack_loss.detach()
+            total = stack_loss if total is None else total + stack_loss
+        return total, metrics if len(metrics) > 1 else {}
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.type: cls for cls in (CrossEntropy, LogitKD, Contrastive, EmbeddingKD)}
+    cls.type: cls for cls in (CrossEntropy, LogitKD, HiddenAlignment, Contrastive, EmbeddingKD)}
 
 
 def build_objectives(configs: dict) -> dict[str, tuple[Objective, float]]:

@@ -21,7 +21,7 @@ from kdistill.data import DataCollatorForDistillation, encode_examples, load_exa
 from kdistill.models import (_DTYPES, apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size,
                              load_model, load_tokenizer, save_student, shrink)
 from kdistill.objectives import build_objectives
-from kdistill.trainer import DistillTrainer
+from kdistill.trainer import DistillTrainer, without_objective_parts
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,8 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
         if cfg.task == "embedding":
             prepared.student.save(output_dir)
         else:
-            save_student(trainer.model, prepared.tokenizer, output_dir, merge_lora=cfg.lora.merge)
+            with without_objective_parts(trainer.model):  # projections of objectives are not part of the student
+                save_student(trainer.model, prepared.tokenizer, output_dir, merge_lora=cfg.lora.merge)
         save_config(cfg, output_dir)
     evaluation = None
     if cfg.stepbystep.dataset and cfg.data.eval and trainer.is_world_process_zero():

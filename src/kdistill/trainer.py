@@ -14,12 +14,28 @@ checkpoints/resume and `report_to` (wandb, tensorboard) work as users know them.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from transformers import Trainer
 
 from kdistill.objectives import DistillBatch, Objective, view_prefix
+
+
+OBJECTIVE_PARTS = "objective_parts"
+
+
+@contextmanager
+def without_objective_parts(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Temporarily detach the objectives' trainable parts (`model.objective_parts`, see
+    `DistillTrainer._attach_objective_parts`) so that `save_pretrained` writes the student alone."""
+    parts = model._modules.pop(OBJECTIVE_PARTS, None)
+    try:
+        yield model
+    finally:
+        if parts is not None:
+            model._modules[OBJECTIVE_PARTS] = parts
 
 
 class DistillTrainer(Trainer):
@@ -38,6 +54,8 @@ class DistillTrainer(Trainer):
         self._attach_objective_parts(model, objectives)
         super().__init__(model, args, *rest, **kwargs)
         self.objectives = objectives
+        # hidden states cost memory: requested from student and teacher only when some objective reads them
+        self.output_hidden_states = any(getattr(o, "needs_hidden_states", False) for o, _ in objectives.values())
         self.kd_vocab = kd_vocab
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         config = self.accelerator.unwrap_model(self.model).config
@@ -48,17 +66,23 @@ class DistillTrainer(Trainer):
 
     @staticmethod
     def _attach_objective_parts(model, objectives) -> None:
-        """Objectives with trainable parts (projections) become submodules of the trained model, so the optimizer,
-        data-parallel gradient averaging and checkpoints include them. Exports save the student alone."""
-        from kdistill.embedder import Embedder
-
+        """Objectives with trainable parts (projections) become submodules of the trained model, under
+        `objective_parts.<objective name>.`, so the optimizer, data-parallel gradient averaging and checkpoints
+        (hence resume) include them. Exports save the student alone: `Embedder.save` writes the encoder only, and
+        `kdistill.models.save_student` drops the `objective_parts.` keys (`student_state_dict`) of an LM student,
+        which stays a `PreTrainedModel` (or peft model, whose adapter export never includes them)."""
         parts = {name: obj for name, (obj, _) in objectives.items() if any(True for _ in obj.parameters())}
         if not parts:
             return
-        if not isinstance(model, Embedder):
-            raise NotImplementedError(f"objective(s) {', '.join(parts)} have trainable parts, which are supported "
-                                      "for embedding students only so far")
-        model.objective_parts = torch.nn.ModuleDict(parts)
+        setattr(model, OBJECTIVE_PARTS, torch.nn.ModuleDict(parts))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (internal calls) keep the objectives' parts so a resumed run continues with them; an export
+        (`trainer.save_model(dir)`) writes the student alone."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        with without_objective_parts(self.accelerator.unwrap_model(self.model)):
+            return super().save_model(output_dir, _internal_call=False)
 
     # ------------------------------------------------------------------------------------------------ teacher
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
@@ -91,22 +115,50 @@ class DistillTrainer(Trainer):
         tokens = {view: int(self._count_targets(batch[f"{view_prefix(view)}labels"])) for view in self._views(batch)}
         return tokens, self._count_examples(batch)
 
+    def _position_counts(self, batch: dict[str, Any]) -> dict[str, dict[str, int]]:
+        """view -> stack -> positions whose hidden states are compared (see `objectives.hidden_position_mask`);
+        empty unless an objective reads hidden states."""
+        from kdistill.objectives import hidden_position_mask
+
+        if not getattr(self, "output_hidden_states", False):
+            return {}
+        stacks = ("encoder", "decoder") if self.is_encoder_decoder else ("decoder",)
+        out = {}
+        for view in self._views(batch):
+            prefix = view_prefix(view)
+            inputs = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+            out[view] = {stack: int(hidden_position_mask(inputs, stack, self.is_encoder_decoder).sum())
+                         for stack in stacks}
+        return out
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Global counts over the optimizer step's micro-batches and all processes:
         {"tokens": {view: trained tokens}, "examples": examples}."""
         if not batch_samples:
             return None
         views = self._views(batch_samples[0])
-        totals = [0] * (len(views) + 1)
+        position_keys = [(view, stack) for view, stacks in self._position_counts(batch_samples[0]).items()
+                         for stack in stacks]
+        n = len(views)
+        totals = [0] * (n + len(position_keys) + 1)
         for batch in batch_samples:
             tokens, examples = self._local_counts(batch)
             for i, view in enumerate(views):
                 totals[i] += tokens[view]
+            positions = self._position_counts(batch)
+            for i, (view, stack) in enumerate(position_keys):
+                totals[n + i] += positions[view][stack]
             totals[-1] += examples
         counts = torch.tensor(totals, dtype=torch.long, device=device)
         if self.args.world_size > 1:
             counts = self.accelerator.gather(counts.reshape(1, -1)).sum(0)
-        return {"tokens": dict(zip(views, counts[:-1])), "examples": counts[-1]}
+        out = {"tokens": dict(zip(views, counts[:n])), "examples": counts[-1]}
+        if position_keys:
+            out["positions"] = defaultdict(dict)
+            for i, (view, stack) in enumerate(position_keys):
+                out["positions"][view][stack] = counts[n + i]
+            out["positions"] = dict(out["positions"])
+        return out
 
     # ------------------------------------------------------------------------------------------- forward pass
     def _model_inputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -117,6 +169,8 @@ class DistillTrainer(Trainer):
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             model_inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
         model_inputs["use_cache"] = False
+        if getattr(self, "output_hidden_states", False):
+            model_inputs["output_hidden_states"] = True
         return model_inputs
 
     def _align(self, logits: torch.Tensor, labels: torch.Tensor | None = None):
@@ -144,9 +198,10 @@ class DistillTrainer(Trainer):
     def _batch(self, model, inputs, num_items_in_batch) -> DistillBatch:
         if num_items_in_batch is None:  # evaluation: normalise by this batch's own counts
             tokens, examples = self._local_counts(inputs)
-            num_items_in_batch = {"tokens": tokens, "examples": examples}
+            num_items_in_batch = {"tokens": tokens, "examples": examples, "positions": self._position_counts(inputs)}
         return DistillBatch(
             inputs, num_items_in_batch["tokens"], num_items_in_batch["examples"], kd_vocab=self.kd_vocab,
+            num_positions=num_items_in_batch.get("positions"),
             lm_forward=lambda inp, need_teacher, student=None: self._lm_forward(model, inp, need_teacher, student),
             embed=lambda field: model(input_ids=inputs[f"{field}_input_ids"],
                                       attention_mask=inputs[f"{field}_attention_mask"]))

@@ -35,3 +35,13 @@ __all__ = [
     "info_nce",
     "similarity_kd",
 ]
+
+from kdistill.losses.hidden import (  # noqa: E402
+    HIDDEN_LOSSES,
+    hidden_cosine,
+    hidden_mse,
+    layer_output_index,
+    resolve_layer_map,
+)
+
+__all__ += ["HIDDEN_LOSSES", "hidden_cosine", "hidden_mse", "layer_output_index", "resolve_layer_map"]
