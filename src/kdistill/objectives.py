@@ -433,8 +433,37 @@ class HiddenAlignment(Objective):
         return total, metrics if len(metrics) > 1 else {}
 
 
+class Triplet(Objective):
+    """Contrastive textual deviation for LM students (MiniCSM-style): the student's pooled representation of a
+    consensus statement must be closer to its supporting evidence than to its refuting evidence.
+
+    InfoNCE (`kdistill.losses.info_nce`, the embedding path's loss) with anchor = consensus, positive = supporting,
+    the row's refuting evidence as hard negative and the batch's other evidences as in-batch negatives; cosine /
+    `temperature`. Representations: mean over real tokens of the last hidden states (T5: the encoder's). Rows come
+    from `{consensus, supporting, refuting}` fields next to the LM fields (see `kdistill.data.claims`); it runs on
+    the same batch as ce / kd / hidden. Metric: fraction of triplets with cos(c, s) > cos(c, r).
+    """
+
+    type = "triplet"
+    default_temperature = 0.05
+
+    def forward(self, batch):
+        from kdistill.losses import info_nce
+
+        anchor, positive = batch.embeddings("anchor"), batch.embeddings("positive")
+        negative = batch.embeddings("negative").reshape(anchor.shape[0], -1, anchor.shape[-1])
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_world_size() > 1
+        loss = info_nce(anchor, positive, negative, temperature=self.cfg.temperature,
+                        num_items=batch.num_examples, gather=distributed)
+        with torch.no_grad():
+            a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, positive, negative[:, 0]))
+            closer = ((a * p).sum(-1) > (a * n).sum(-1)).sum().float()
+        return loss, {"accuracy": closer / _as_float(batch.num_examples, closer)}
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.type: cls for cls in (CrossEntropy, LogitKD, HiddenAlignment, Contrastive, EmbeddingKD)}
+    cls.type: cls for cls in (CrossEntropy, LogitKD, HiddenAlignment, Contrastive, EmbeddingKD, Triplet)}
 
 
 def build_objectives(configs: dict) -> dict[str, tuple[Objective, float]]:

@@ -55,9 +55,12 @@ def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encod
         return _load_stepbystep_split(cfg, tokenizer, source, limit, encoder_decoder)
     loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
                            limit=limit)
-    rows, stats = encode_examples(loaded.examples, tokenizer, template=cfg.data.template,
-                                  max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
-                                  max_target_length=cfg.data.max_target_length)
+    encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
+                  max_target_length=cfg.data.max_target_length)
+    if _uses_triplets(cfg):
+        rows, stats = _encode_with_triplets(cfg, loaded.examples, tokenizer, source, split, encode)
+    else:
+        rows, stats = encode_examples(loaded.examples, tokenizer, **encode)
     report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped),
                         truncated=stats.truncated, dropped_no_target=stats.dropped_no_target)
     if loaded.skipped:
@@ -69,6 +72,59 @@ def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encod
     if not rows:
         raise ValueError(f"{source}: no usable examples after validation and truncation")
     return ListDataset(rows), report
+
+
+def _uses_triplets(cfg: RunConfig) -> bool:
+    return any((o.type or name) == "triplet" for name, o in cfg.objectives.items())
+
+
+def _encode_with_triplets(cfg: RunConfig, examples, tokenizer, source, split, encode):
+    """LM rows plus the token ids of their `{consensus, supporting, refuting}` texts (keys anchor, positive,
+    negative), joined on each row's file:line so skipped or truncated rows cannot shift the pairing."""
+    from kdistill.data import EncodeStats
+    from kdistill.data.embedding import tokenize_texts
+
+    triplets = {ex.source: ex for ex in load_examples(source, format="triplet", split=split,
+                                                      skip_invalid=cfg.data.skip_invalid).examples}
+    missing = [ex.source for ex in examples if ex.source not in triplets]
+    if missing:
+        raise ValueError(f"{missing[0]}: the triplet objective needs consensus/supporting/refuting (or "
+                         f"anchor/positive/negative) fields on every row ({len(missing)} row(s) lack them)")
+    rows, total = [], EncodeStats(total=0, truncated=0, dropped_no_target=0)
+    kept = []
+    for ex in examples:
+        encoded, stats = encode_examples([ex], tokenizer, **encode)
+        total.total += stats.total
+        total.truncated += stats.truncated
+        total.dropped_no_target += stats.dropped_no_target
+        if encoded:
+            rows.append(encoded[0])
+            kept.append(triplets[ex.source].fields)
+    for key in ("anchor", "positive"):
+        ids = tokenize_texts([f[key] for f in kept], tokenizer, max_length=cfg.data.max_length)
+        for row, value in zip(rows, ids):
+            row[key] = value
+    negatives = tokenize_texts([f["negative"][0] for f in kept], tokenizer, max_length=cfg.data.max_length)
+    for row, value in zip(rows, negatives):
+        row["negative"] = [value]
+    return rows, total
+
+
+@dataclass
+class TextFieldCollator:
+    """LM fields through `lm`, `{anchor, positive, negative}` token fields through the embedding collator."""
+
+    lm: Any
+    text: Any
+
+    TEXT_KEYS = ("anchor", "positive", "negative")
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        out = self.lm([{k: v for k, v in f.items() if k not in self.TEXT_KEYS} for f in features])
+        text = [{k: v for k, v in f.items() if k in self.TEXT_KEYS} for f in features]
+        if text[0]:
+            out.update(self.text(text))
+        return out
 
 
 def _stepbystep_rows(cfg: RunConfig, source: str, limit, encoder_decoder: bool, label_type: str | None = None):
@@ -231,6 +287,10 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     collator = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id)
     if cfg.stepbystep.dataset:
         collator = ViewCollator(collator)
+    if _uses_triplets(cfg):
+        from kdistill.data.embedding import EmbeddingCollator
+
+        collator = TextFieldCollator(collator, EmbeddingCollator(pad_token_id=tokenizer.pad_token_id))
     trainer = DistillTrainer(model=student, teacher=teacher, objectives=objectives,
                              kd_vocab=kd_vocab, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer, callbacks=callbacks)

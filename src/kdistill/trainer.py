@@ -203,8 +203,25 @@ class DistillTrainer(Trainer):
             inputs, num_items_in_batch["tokens"], num_items_in_batch["examples"], kd_vocab=self.kd_vocab,
             num_positions=num_items_in_batch.get("positions"),
             lm_forward=lambda inp, need_teacher, student=None: self._lm_forward(model, inp, need_teacher, student),
-            embed=lambda field: model(input_ids=inputs[f"{field}_input_ids"],
-                                      attention_mask=inputs[f"{field}_attention_mask"]))
+            embed=lambda field: self._embed(model, inputs, field))
+
+    def _embed(self, model, inputs, field: str) -> torch.Tensor:
+        """(N, H) student representation of a text field: an Embedder's own embedding, or for an LM student the
+        mean over real tokens of its last hidden states (T5: the encoder's)."""
+        from kdistill.embedder import Embedder
+        from kdistill.pooling import pool
+
+        ids, mask = inputs[f"{field}_input_ids"], inputs[f"{field}_attention_mask"]
+        if isinstance(self.accelerator.unwrap_model(model), Embedder):
+            return model(input_ids=ids, attention_mask=mask)
+        if self.is_encoder_decoder:
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            hidden = base.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        else:
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                           use_cache=False).hidden_states[-1]
+        return pool(hidden, mask, "mean")
 
     # ----------------------------------------------------------------------------------------------- the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
