@@ -433,6 +433,63 @@ class HiddenAlignment(Objective):
         return total, metrics if len(metrics) > 1 else {}
 
 
+class AttentionAlignment(HiddenAlignment):
+    """Align the attention maps of mapped student/teacher layers (MiniLM, Wang et al., 2020; TinyBERT):
+    for each stack, mapped pair (i, j) and counted query position q,
+
+        d = sum_k A^t_j[q, k] (log A^t_j[q, k] - log A^s_i[q, k])      KL(A_teacher || A_student) over keys,
+
+    averaged over heads; when head counts differ, each model's heads are averaged first and one KL is taken.
+    Layer maps, masks (queries: real tokens; T5 decoder: trained positions) and the global normalisation are those
+    of `hidden`. Self-attention only (T5: encoder and decoder self-attention; cross-attention is not aligned).
+    Attention weights exist only with eager attention: kdistill loads both models with
+    `attn_implementation: eager` when this objective is configured.
+    """
+
+    type = "attention"
+    needs_hidden_states = False
+    needs_attentions = True
+
+    def setup(self, student, teacher):
+        for role, model in (("student", student), ("teacher", teacher)):
+            impl = getattr(model.config, "_attn_implementation", None)
+            if impl not in (None, "eager"):
+                raise ValueError(f"objectives.{self.name}: the {role} uses {impl} attention, which returns no "
+                                 f"attention weights; load it with attn_implementation: eager")
+        super().setup(student, teacher)
+        self.projections = torch.nn.ModuleDict()  # attention maps have no width to project
+
+    @staticmethod
+    def _maps(outputs, stack: str, encoder_decoder: bool):
+        maps = (outputs.encoder_attentions if stack == "encoder" else outputs.decoder_attentions) \
+            if encoder_decoder else outputs.attentions
+        if not maps:
+            raise RuntimeError("the model returned no attention weights: it must run with eager attention and "
+                               "output_attentions=True (DistillTrainer does so for the attention objective)")
+        return maps
+
+    def forward(self, batch):
+        from kdistill.losses import attention_kl
+
+        if not self.layer_maps:
+            raise RuntimeError(f"objectives.{self.name}: setup(student, teacher) was not called")
+        view = batch.view(self.cfg.view)
+        total, metrics = None, {}
+        for stack, pairs in self.layer_maps.items():
+            s_maps = self._maps(view.student_outputs, stack, self.encoder_decoder)
+            t_maps = self._maps(view.teacher_outputs, stack, self.encoder_decoder)
+            mask = hidden_position_mask(view.inputs, stack, self.encoder_decoder).to(s_maps[0].device)
+            count = (view.num_positions or {}).get(stack)
+            if count is None:
+                count = mask.sum()
+            stack_loss = sum(attention_kl(s_maps[i], t_maps[j].to(s_maps[i].device), mask, reduction="sum")
+                             for i, j in pairs)
+            stack_loss = stack_loss / len(pairs) / _as_float(count, stack_loss)
+            metrics[stack] = stack_loss.detach()
+            total = stack_loss if total is None else total + stack_loss
+        return total, metrics if len(metrics) > 1 else {}
+
+
 class Triplet(Objective):
     """Contrastive textual deviation for LM students (MiniCSM-style): the student's pooled representation of a
     consensus statement must be closer to its supporting evidence than to its refuting evidence.
@@ -463,7 +520,7 @@ class Triplet(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.type: cls for cls in (CrossEntropy, LogitKD, HiddenAlignment, Contrastive, EmbeddingKD, Triplet)}
+    cls.type: cls for cls in (CrossEntropy, LogitKD, HiddenAlignment, AttentionAlignment, Contrastive, EmbeddingKD, Triplet)}
 
 
 def build_objectives(configs: dict) -> dict[str, tuple[Objective, float]]:

@@ -272,6 +272,12 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
                                            cfg.data.eval_limit, encoder_decoder)
         reports.append(eval_report)
 
+    if any((o.type or name) == "attention" for name, o in cfg.objectives.items()):
+        for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):
+            if model_cfg.attn_implementation not in (None, "eager"):
+                raise ValueError(f"{role}.attn_implementation is {model_cfg.attn_implementation!r}, but the "
+                                 "attention objective needs attention weights, which only eager attention returns")
+            model_cfg.attn_implementation = "eager"
     student = load_model(cfg.student, role="student")
     if cfg.student.layers:
         student = shrink(student, cfg.student.layers)

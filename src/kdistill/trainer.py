@@ -56,6 +56,7 @@ class DistillTrainer(Trainer):
         self.objectives = objectives
         # hidden states cost memory: requested from student and teacher only when some objective reads them
         self.output_hidden_states = any(getattr(o, "needs_hidden_states", False) for o, _ in objectives.values())
+        self.output_attentions = any(getattr(o, "needs_attentions", False) for o, _ in objectives.values())
         self.kd_vocab = kd_vocab
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         config = self.accelerator.unwrap_model(self.model).config
@@ -120,7 +121,7 @@ class DistillTrainer(Trainer):
         empty unless an objective reads hidden states."""
         from kdistill.objectives import hidden_position_mask
 
-        if not getattr(self, "output_hidden_states", False):
+        if not (getattr(self, "output_hidden_states", False) or getattr(self, "output_attentions", False)):
             return {}
         stacks = ("encoder", "decoder") if self.is_encoder_decoder else ("decoder",)
         out = {}
@@ -171,6 +172,8 @@ class DistillTrainer(Trainer):
         model_inputs["use_cache"] = False
         if getattr(self, "output_hidden_states", False):
             model_inputs["output_hidden_states"] = True
+        if getattr(self, "output_attentions", False):
+            model_inputs["output_attentions"] = True
         return model_inputs
 
     def _align(self, logits: torch.Tensor, labels: torch.Tensor | None = None):

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 from kdistill.losses.hidden import (  # noqa: E402
+    attention_kl,
     HIDDEN_LOSSES,
     hidden_cosine,
     hidden_mse,
@@ -44,4 +45,4 @@ from kdistill.losses.hidden import (  # noqa: E402
     resolve_layer_map,
 )
 
-__all__ += ["HIDDEN_LOSSES", "hidden_cosine", "hidden_mse", "layer_output_index", "resolve_layer_map"]
+__all__ += ["HIDDEN_LOSSES", "attention_kl", "hidden_cosine", "hidden_mse", "layer_output_index", "resolve_layer_map"]

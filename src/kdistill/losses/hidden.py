@@ -116,3 +116,30 @@ def resolve_layer_map(spec, n_student: int, n_teacher: int) -> list[tuple[int, i
                              f"{n_teacher} layers")
         pairs.append((s % n_student, t % n_teacher))
     return pairs
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
+                 reduction: str = "mean", num_items=None) -> torch.Tensor:
+    """KL(A_teacher || A_student) between attention maps, per query position, averaged over heads.
+
+    student (B, H_s, T, T), teacher (B, H_t, T, T): rows are probability distributions over keys (softmax outputs).
+    When H_s != H_t both are averaged over their heads first (one map per model). Per query q:
+    sum_k A_t[q, k] (log A_t[q, k] - log A_s[q, k]); keys the teacher gives no mass (padding, the causal future)
+    contribute exactly 0. `mask` (B, T) bool selects the counted queries; reduction as in `reduce_positions`.
+    Reference: MiniLM (Wang et al., 2020), self-attention distribution transfer; TinyBERT (Jiao et al., 2020).
+    """
+    if student.dim() != 4 or teacher.dim() != 4 or student.shape[0] != teacher.shape[0] or \
+            student.shape[-2:] != teacher.shape[-2:]:
+        raise ValueError(f"attention maps must be (B, H, T, T) with equal B and T, got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    dtype = torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+    s, t = student.to(dtype), teacher.to(dtype)
+    if s.shape[1] != t.shape[1]:
+        s, t = s.mean(1, keepdim=True), t.mean(1, keepdim=True)
+    positive = t > 0
+    log_ratio = torch.where(positive, t.clamp_min(1e-38).log() - s.clamp_min(1e-38).log(), torch.zeros_like(t))
+    per_query = (t * log_ratio).sum(-1).mean(1)                             # (B, T)
+    leading = per_query.shape
+    flat = None if mask is None else mask.reshape(-1).bool()
+    values = per_query.reshape(-1) if flat is None else per_query.reshape(-1)[flat]
+    return reduce_positions(values, leading, flat, reduction, num_items)
