@@ -18,6 +18,7 @@ import torch
 
 from kdistill.config import RunConfig, save_config
 from kdistill.data import DataCollatorForDistillation, encode_examples, load_examples
+from kdistill.data.collators import TextFieldCollator, ViewCollator
 from kdistill.models import (_DTYPES, apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size,
                              load_model, load_tokenizer, save_student, shrink)
 from kdistill.objectives import build_objectives
@@ -110,23 +111,6 @@ def _encode_with_triplets(cfg: RunConfig, examples, tokenizer, source, split, en
     return rows, total
 
 
-@dataclass
-class TextFieldCollator:
-    """LM fields through `lm`, `{anchor, positive, negative}` token fields through the embedding collator."""
-
-    lm: Any
-    text: Any
-
-    TEXT_KEYS = ("anchor", "positive", "negative")
-
-    def __call__(self, features: list[dict]) -> dict[str, Any]:
-        out = self.lm([{k: v for k, v in f.items() if k not in self.TEXT_KEYS} for f in features])
-        text = [{k: v for k, v in f.items() if k in self.TEXT_KEYS} for f in features]
-        if text[0]:
-            out.update(self.text(text))
-        return out
-
-
 def _stepbystep_rows(cfg: RunConfig, source: str, limit, encoder_decoder: bool, label_type: str | None = None):
     from kdistill.data.stepbystep import build_views, load_stepbystep
 
@@ -176,23 +160,6 @@ def _load_stepbystep_split(cfg: RunConfig, tokenizer, source: str, limit, encode
                          f"data.max_length={cfg.data.max_length}; raise it")
     return ListDataset(rows), DataReport(source=source, examples=len(rows), truncated=truncated,
                                          dropped_no_target=dropped)
-
-
-@dataclass
-class ViewCollator:
-    """Pads each token view of a batch separately (keys `input_ids`, `labels`, `rationale_input_ids`, ...)."""
-
-    base: Any
-
-    def __call__(self, features: list[dict]) -> dict[str, Any]:
-        prefixes = sorted({k[: -len("input_ids")] for k in features[0] if k.endswith("input_ids")})
-        out: dict[str, Any] = {}
-        for prefix in prefixes:
-            sub = [{k[len(prefix):]: v for k, v in f.items()
-                    if k.startswith(prefix) and (prefix or not any(k.startswith(p) for p in prefixes if p))}
-                   for f in features]
-            out.update({f"{prefix}{k}": v for k, v in self.base(sub).items()})
-        return out
 
 
 def evaluate_stepbystep(cfg: RunConfig, model, tokenizer) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,3 +102,37 @@ class DataCollatorForDistillation:
                                  f"'attention_mask', keys ending in 'labels' (padded with {self.label_pad_id}) "
                                  f"and integer scalars are supported; drop it or rename it")
         return batch
+
+
+@dataclass
+class ViewCollator:
+    """Pads each token view of a batch separately (keys `input_ids`, `labels`, `rationale_input_ids`, ...)."""
+
+    base: Any
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        prefixes = sorted({k[: -len("input_ids")] for k in features[0] if k.endswith("input_ids")})
+        out: dict[str, Any] = {}
+        for prefix in prefixes:
+            sub = [{k[len(prefix):]: v for k, v in f.items()
+                    if k.startswith(prefix) and (prefix or not any(k.startswith(p) for p in prefixes if p))}
+                   for f in features]
+            out.update({f"{prefix}{k}": v for k, v in self.base(sub).items()})
+        return out
+
+
+@dataclass
+class TextFieldCollator:
+    """LM fields through `lm`, `{anchor, positive, negative}` token fields through the embedding collator."""
+
+    lm: Any
+    text: Any
+
+    TEXT_KEYS = ("anchor", "positive", "negative")
+
+    def __call__(self, features: list[dict]) -> dict[str, Any]:
+        out = self.lm([{k: v for k, v in f.items() if k not in self.TEXT_KEYS} for f in features])
+        text = [{k: v for k, v in f.items() if k in self.TEXT_KEYS} for f in features]
+        if text[0]:
+            out.update(self.text(text))
+        return out
