@@ -70,6 +70,9 @@ def _eval_parser(sub) -> None:
     sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
     sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
                      help="Override the folder's pooling (plain transformers folders: mean, eos for decoders)")
+    from kdistill.evaluation import classify
+
+    classify.add_parser(kinds)
 
 
 def cmd_quickstart(args) -> int:
@@ -86,6 +89,14 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.eval_kind == "classify":
+        from kdistill.evaluation.classify import run_cli
+
+        return run_cli(args)
+    return _eval_sts(args)
+
+
+def _eval_sts(args) -> int:
     from kdistill.embedder import Embedder
     from kdistill.evaluation.sts import evaluate_sts, load_sts_pairs
 
@@ -149,8 +160,20 @@ def cmd_annotate(args) -> int:
     return run_cli(args)
 
 
+def cmd_generate(args) -> int:
+    from kdistill.evaluation.generate import run_cli
+
+    return run_cli(args)
+
+
+def cmd_judge(args) -> int:
+    from kdistill.evaluation.judge import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval,
-            "annotate": cmd_annotate}
+            "annotate": cmd_annotate, "generate": cmd_generate, "judge": cmd_judge}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,10 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     from kdistill.annotate import add_parser as add_annotate_parser
+    from kdistill.evaluation import generate, judge
 
     _quickstart_parser(sub)
     _train_parser(sub)
     add_annotate_parser(sub)
+    generate.add_parser(sub)
+    judge.add_parser(sub)
     _eval_parser(sub)
     _tiny_parser(sub)
     return parser

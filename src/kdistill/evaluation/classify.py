@@ -1,0 +1,458 @@
+"""Zero-shot classification evaluation of (distilled) generative models.
+
+Two scorers:
+
+* ``loglik`` (default): for every example and every label, the log-probability the model gives to the
+  label's verbaliser (``task.answer_prefix + verbalizer``, e.g. ``" supported"``) right after the prompt.
+  Causal LMs see ``prompt + verbaliser`` as one sequence (the prompt's tokens, with the tokenizer's BOS
+  prepended when it has one, followed by the verbaliser's tokens, each tokenised on its own) and only the
+  verbaliser tokens are scored; seq2seq models (T5) get the prompt in the encoder (with the tokenizer's
+  special tokens, T5 appends ``</s>``) and the verbaliser tokens as decoder labels (no ``</s>``). The
+  prediction is the argmax over labels. Default: the SUM of the token log-probabilities
+  (``length_normalize=False``); ``length_normalize=True`` uses the mean per token instead, which stops
+  long verbalisers being penalised for their length. Nothing is parsed, so there are no invalid answers.
+* ``generate``: greedy generation (:class:`kdistill.teachers.LocalTeacher`, raw prompt, no chat
+  template) then :func:`kdistill.annotate.parse_label` over the verbalisers (then over the label names).
+  An answer naming no single label is ``None``: counted as invalid (wrong) and never guessed.
+
+Metrics (:func:`classification_metrics`) are computed in pure Python and match scikit-learn with
+``labels=labels`` where invalid predictions are a prediction outside ``labels``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["Task", "Examples", "classification_metrics", "climate_fever_task", "hate_speech_task",
+           "custom_task", "get_task", "loglik_predict", "generate_predict", "evaluate_classification",
+           "format_table", "add_parser", "run_cli", "DEFAULT_DATA"]
+
+DEFAULT_DATA = {
+    "climate_fever": "../shared/data/climate_fever/climate-fever.jsonl",
+    "hate_speech": "../shared/data/hate_speech_stormfront/sampled_train.jsonl",
+}
+N_EXAMPLES_KEPT = 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics
+
+
+def classification_metrics(golds: Sequence[str], preds: Sequence[str | None], labels: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-class P/R/F1/support and the confusion matrix.
+
+    ``preds`` entries that are ``None`` are invalid: they count as wrong (in accuracy and in the recall of
+    their gold class), are left out of the confusion matrix and reported as ``invalid``. A prediction that
+    is not in ``labels`` counts the same way. Precision/recall/F1 of a class with no prediction / no
+    support is 0. The confusion matrix has rows = gold, columns = predicted, both in ``labels`` order.
+    """
+    labels = list(labels)
+    if len(golds) != len(preds):
+        raise ValueError(f"{len(golds)} golds but {len(preds)} predictions")
+    if len(set(labels)) != len(labels) or not labels:
+        raise ValueError(f"labels must be non-empty and distinct, got {labels!r}")
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({str(g) for g in golds if g not in index})
+    if unknown:
+        raise ValueError(f"gold labels not in labels: {unknown}")
+    k = len(labels)
+    matrix = [[0] * k for _ in range(k)]
+    invalid = correct = 0
+    for gold, pred in zip(golds, preds):
+        if pred is None or pred not in index:
+            invalid += 1
+            continue
+        matrix[index[gold]][index[pred]] += 1
+        correct += gold == pred
+    n = len(golds)
+    per_class = {}
+    for i, label in enumerate(labels):
+        tp = matrix[i][i]
+        predicted = sum(matrix[r][i] for r in range(k))
+        support = sum(1 for g in golds if g == label)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    return {
+        "n": n,
+        "accuracy": correct / n if n else 0.0,
+        "macro_f1": sum(c["f1"] for c in per_class.values()) / k,
+        "per_class": per_class,
+        "labels": labels,
+        "confusion_matrix": matrix,
+        "invalid": invalid,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# tasks
+
+
+class Examples(list):
+    """A list of ``(fields, gold_label)`` with ``excluded``: {reason or label: count} of rows left out."""
+
+    def __init__(self, items=(), excluded: dict | None = None):
+        super().__init__(items)
+        self.excluded = dict(excluded or {})
+
+
+@dataclass
+class Task:
+    """A classification task: labels, what the model scores/produces for each, and the prompt.
+
+    ``template`` is filled with ``str.format(**fields, labels=...)`` where ``labels`` is the verbalisers
+    joined by ", " (so a template can list the choices). ``answer_prefix`` goes between the prompt and a
+    verbaliser in log-likelihood scoring (a space: the prompt ends with e.g. "Answer:").
+    """
+
+    name: str
+    labels: list[str]
+    verbalizers: dict[str, str]
+    template: str
+    text_fields: list[str]
+    label_field: str
+    default_data: str | None = None
+    label_map: dict[str, str] = field(default_factory=dict)  # raw label in the file -> task label
+    answer_prefix: str = " "
+
+    def __post_init__(self):
+        self.labels = list(self.labels)
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"a task needs at least two distinct labels, got {self.labels!r}")
+        missing = [label for label in self.labels if not self.verbalizers.get(label)]
+        if missing:
+            raise ValueError(f"no verbalizer for labels {missing}")
+        verbs = [self.verbalizers[label] for label in self.labels]
+        if len(set(verbs)) != len(verbs):
+            raise ValueError(f"verbalizers must be distinct, got {verbs!r}")
+
+    def prompt(self, fields: dict) -> str:
+        choices = ", ".join(self.verbalizers[label] for label in self.labels)
+        return self.template.format(**{**fields, "labels": choices})
+
+    def load(self, path: str | Path | None = None, limit: int | None = None) -> Examples:
+        """Rows of a JSONL file as ``(fields, gold)``; rows whose label is not a task label are excluded
+        (counted by raw label in ``.excluded``), as are rows missing a text field (``"missing_text"``). With ``limit`` reading stops at ``limit``
+        kept rows, so ``excluded`` then counts only the rows read so far."""
+        path = Path(path or self.default_data or "")
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.name}: data file not found: {path}")
+        items, excluded = [], Counter()
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                line = line.strip()
+                if not line:
+                    continue
+                row = json.loads(line)
+                raw = row.get(self.label_field)
+                gold = self.label_map.get(raw, raw) if isinstance(raw, str) else None
+                if gold not in self.labels:
+                    excluded[str(raw)] += 1
+                    continue
+                fields = {name: row.get(name) for name in self.text_fields}
+                if any(not isinstance(v, str) or not v.strip() for v in fields.values()):
+                    excluded["missing_text"] += 1
+                    continue
+                items.append((fields, gold))
+                if limit is not None and len(items) >= limit:
+                    break
+        return Examples(items, dict(excluded))
+
+
+CLIMATE_VERBALIZERS = {"SUPPORTS": "supported", "REFUTES": "refuted", "NOT_ENOUGH_INFO": "not enough info",
+                       "DISPUTED": "disputed"}
+
+
+def climate_fever_task(all_labels: bool = False) -> Task:
+    """Claim-level Climate-FEVER: SUPPORTS vs REFUTES (the other labels excluded), or all four."""
+    labels = list(CLIMATE_VERBALIZERS) if all_labels else ["SUPPORTS", "REFUTES"]
+    return Task(
+        name="climate_fever", labels=labels, verbalizers={k: CLIMATE_VERBALIZERS[k] for k in labels},
+        template=("Claim: {claim}\nIs this claim about climate supported or refuted by scientific evidence? "
+                  "Answer with one of: {labels}.\nAnswer:"),
+        text_fields=["claim"], label_field="claim_label", default_data=DEFAULT_DATA["climate_fever"])
+
+
+def hate_speech_task() -> Task:
+    """Stormfront sentences: hate vs noHate."""
+    return Task(
+        name="hate_speech", labels=["hate", "noHate"], verbalizers={"hate": "hate", "noHate": "not hate"},
+        template=("Text: {text}\nIs this text hate speech? Answer with one of: {labels}.\nAnswer:"),
+        text_fields=["text"], label_field="label", default_data=DEFAULT_DATA["hate_speech"])
+
+
+def custom_task(labels: Sequence[str] | str, template: str | None = None, text_field: str = "text",
+                label_field: str = "label", verbalizers: dict[str, str] | None = None,
+                name: str = "custom") -> Task:
+    """A task from arguments; ``labels`` a list or a comma-separated string; verbalisers default to the
+    labels; the default template is ``"Text: {<text_field>}\\nAnswer with one of: {labels}.\\nAnswer:"``."""
+    if isinstance(labels, str):
+        labels = [s.strip() for s in labels.split(",") if s.strip()]
+    labels = list(labels)
+    if template is None:
+        template = "Text: {" + text_field + "}\nAnswer with one of: {labels}.\nAnswer:"
+    text_fields = []
+    for _, fname, _, _ in __import__("string").Formatter().parse(template):
+        if fname and fname != "labels":
+            base = fname.split(".")[0].split("[")[0]
+            if base not in text_fields:
+                text_fields.append(base)
+    if not text_fields:
+        raise ValueError(f"the template names no field of the rows: {template!r}")
+    return Task(name=name, labels=labels, verbalizers=dict(verbalizers or {l: l for l in labels}),
+                template=template, text_fields=text_fields, label_field=label_field)
+
+
+def get_task(name: str, all_labels: bool = False, **custom) -> Task:
+    if name == "climate_fever":
+        return climate_fever_task(all_labels=all_labels)
+    if name == "hate_speech":
+        return hate_speech_task()
+    if name == "custom":
+        return custom_task(**custom)
+    raise ValueError(f"unknown task {name!r}: climate_fever, hate_speech or custom")
+
+
+# ----------------------------------------------------------------------------------------------------
+# scorers
+
+
+def _load(model, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    if isinstance(model, (str, Path)):
+        name = str(model)
+        config = AutoConfig.from_pretrained(name)
+        cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = cls.from_pretrained(name)
+        if tokenizer is None:
+            tokenizer = name
+    if tokenizer is None or isinstance(tokenizer, (str, Path)):
+        source = tokenizer or getattr(model, "name_or_path", None)
+        if not source:
+            raise ValueError("tokenizer is required when the model was not loaded from a path")
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    return model.eval(), tokenizer
+
+
+def _progress(done: int, total: int, enabled: bool) -> None:
+    if enabled:
+        print(f"\rclassify: {done}/{total}", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+
+
+def loglik_predict(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 16,
+                   length_normalize: bool = False, progress: bool = False) -> list[list[float]]:
+    """``scores[i][j]``: log P(continuations[j] | prompts[i]) (summed, or mean per token when
+    ``length_normalize``). ``batch_size`` counts prompts; each forward pass holds
+    ``batch_size * len(continuations)`` sequences."""
+    import torch
+
+    is_s2s = bool(getattr(model.config, "is_encoder_decoder", False))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        pad_id = 0
+    cont_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]
+    if any(not ids for ids in cont_ids):
+        raise ValueError("a verbaliser tokenises to no tokens")
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+
+    def encode_prompt(text: str) -> list[int]:
+        if is_s2s:
+            return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if bos_id is not None and not (ids and ids[0] == bos_id):
+            ids = [bos_id] + ids
+        return ids
+
+    prompt_ids = [encode_prompt(p) for p in prompts]
+    if any(not ids for ids in prompt_ids):
+        raise ValueError("an empty prompt cannot be scored (no tokens and no BOS)")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    scores: list[list[float] | None] = [None] * len(prompts)
+    device = next(model.parameters()).device
+    k = len(continuations)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            pairs = [(i, j) for i in idx for j in range(k)]
+            if is_s2s:
+                enc_w = max(len(prompt_ids[i]) for i in idx)
+                dec_w = max(len(c) for c in cont_ids)
+                enc = torch.full((len(pairs), enc_w), pad_id, dtype=torch.long)
+                enc_mask = torch.zeros_like(enc)
+                labels = torch.full((len(pairs), dec_w), -100, dtype=torch.long)
+                for r, (i, j) in enumerate(pairs):
+                    enc[r, :len(prompt_ids[i])] = torch.tensor(prompt_ids[i])
+                    enc_mask[r, :len(prompt_ids[i])] = 1
+                    labels[r, :len(cont_ids[j])] = torch.tensor(cont_ids[j])
+                logits = model(input_ids=enc.to(device), attention_mask=enc_mask.to(device),
+                               labels=labels.to(device)).logits
+                target = labels.to(device)
+            else:
+                seqs = [prompt_ids[i] + cont_ids[j] for i, j in pairs]
+                width = max(len(s) for s in seqs)
+                inp = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(inp)
+                target = torch.full((len(pairs), width), -100, dtype=torch.long)
+                for r, ((i, j), seq) in enumerate(zip(pairs, seqs)):
+                    inp[r, :len(seq)] = torch.tensor(seq)
+                    mask[r, :len(seq)] = 1
+                    p = len(prompt_ids[i])
+                    target[r, p:len(seq)] = torch.tensor(cont_ids[j])
+                logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+                target = target[:, 1:].to(device)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            valid = target != -100
+            tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+            total = tok.sum(-1)
+            if length_normalize:
+                total = total / valid.sum(-1)
+            total = total.tolist()
+            for r, (i, j) in enumerate(pairs):
+                if scores[i] is None:
+                    scores[i] = [0.0] * k
+                scores[i][j] = float(total[r])
+            _progress(min(start + batch_size, len(order)), len(order), progress)
+    return scores  # type: ignore[return-value]
+
+
+def generate_predict(model, tokenizer, task: Task, prompts: Sequence[str], batch_size: int = 16,
+                     max_new_tokens: int = 16) -> tuple[list[str | None], list[str]]:
+    """Greedy answers and the labels parsed from them (``None`` when no single label is named)."""
+    from kdistill.annotate import parse_label
+    from kdistill.teachers import LocalTeacher
+
+    teacher = LocalTeacher(model, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           do_sample=False, chat=False)
+    outputs = teacher.generate(list(prompts), max_new_tokens=max_new_tokens, do_sample=False)
+    verbs = [task.verbalizers[label] for label in task.labels]
+    back = {task.verbalizers[label]: label for label in task.labels}
+    preds = []
+    for text in outputs:
+        verb = parse_label(text, verbs)
+        pred = back[verb] if verb is not None else parse_label(text, task.labels)
+        preds.append(pred)
+    return preds, outputs
+
+
+def evaluate_classification(model, tokenizer, task: Task, scorer: str = "loglik", batch_size: int = 16,
+                            limit: int | None = None, progress: bool = True, *, data: str | Path | None = None,
+                            examples: Sequence | None = None, length_normalize: bool = False,
+                            max_new_tokens: int = 16) -> dict:
+    """Classify the task's rows (``examples`` if given, else ``task.load(data)``) and score them.
+
+    ``model``: a loaded model or a folder (``tokenizer`` then defaults to it). Returns the metrics of
+    :func:`classification_metrics` plus ``task``, ``scorer``, ``excluded`` (rows left out when loading),
+    ``length_normalize`` (loglik) and ``examples``: the first 20 predictions (prompt, gold, pred and the
+    per-label scores or the generated text).
+    """
+    if scorer not in ("loglik", "generate"):
+        raise ValueError(f"scorer must be 'loglik' or 'generate', got {scorer!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model, tokenizer = _load(model, tokenizer)
+    if examples is None:
+        examples = task.load(data, limit=limit)
+    excluded = dict(getattr(examples, "excluded", {}) or {})
+    examples = list(examples)[:limit] if limit is not None else list(examples)
+    prompts = [task.prompt(fields) for fields, _ in examples]
+    golds = [gold for _, gold in examples]
+    details: list[dict[str, Any]] = []
+    if scorer == "loglik":
+        conts = [task.answer_prefix + task.verbalizers[label] for label in task.labels]
+        scores = loglik_predict(model, tokenizer, prompts, conts, batch_size=batch_size,
+                                length_normalize=length_normalize, progress=progress) if prompts else []
+        preds = [task.labels[max(range(len(s)), key=lambda j: s[j])] for s in scores]
+        for p, g, pr, s in list(zip(prompts, golds, preds, scores))[:N_EXAMPLES_KEPT]:
+            details.append({"prompt": p, "gold": g, "pred": pr, "scores": dict(zip(task.labels, s))})
+    else:
+        preds, outputs = generate_predict(model, tokenizer, task, prompts, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens) if prompts else ([], [])
+        for p, g, pr, o in list(zip(prompts, golds, preds, outputs))[:N_EXAMPLES_KEPT]:
+            details.append({"prompt": p, "gold": g, "pred": pr, "output": o})
+    result = {"task": task.name, "scorer": scorer}
+    if scorer == "loglik":
+        result["length_normalize"] = bool(length_normalize)
+    result.update(classification_metrics(golds, preds, task.labels))
+    result["excluded"] = excluded
+    result["n_excluded"] = sum(excluded.values())
+    result["examples"] = details
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def format_table(result: dict) -> str:
+    labels = result["labels"]
+    lines = [f"task {result['task']}  scorer {result['scorer']}  n {result['n']}  "
+             f"excluded {result.get('n_excluded', 0)}  invalid {result['invalid']}",
+             f"accuracy  {result['accuracy']:.4f}", f"macro-F1  {result['macro_f1']:.4f}", ""]
+    width = max(12, max(len(l) for l in labels) + 2)
+    lines.append(f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}")
+    for label in labels:
+        c = result["per_class"][label]
+        lines.append(f"{label:<{width}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}"
+                     f"{c['support']:>10d}")
+    lines += ["", "confusion matrix (rows gold, columns predicted)",
+              " " * width + "".join(f"{l[:width - 1]:>{width}}" for l in labels)]
+    for label, row in zip(labels, result["confusion_matrix"]):
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>{width}d}" for v in row))
+    return "\n".join(lines)
+
+
+def add_parser(eval_subparsers) -> argparse.ArgumentParser:
+    """Register ``classify`` on an ``add_subparsers()`` object (``kdistill eval classify``)."""
+    p = eval_subparsers.add_parser("classify", help="zero-shot classification: accuracy, macro-F1, confusion matrix")
+    p.add_argument("--model", required=True, help="model folder (causal LM or seq2seq)")
+    p.add_argument("--task", choices=["climate_fever", "hate_speech", "custom"], default="climate_fever")
+    p.add_argument("--data", default=None, help="JSONL rows; default for climate_fever: "
+                   f"{DEFAULT_DATA['climate_fever']}, hate_speech: {DEFAULT_DATA['hate_speech']}")
+    p.add_argument("--scorer", choices=["loglik", "generate"], default="loglik")
+    p.add_argument("--length-normalize", action="store_true",
+                   help="loglik: mean log-prob per verbaliser token instead of the sum")
+    p.add_argument("--all-labels", action="store_true", help="climate_fever: keep all four claim labels")
+    p.add_argument("--labels", default=None, help="custom: comma-separated labels")
+    p.add_argument("--template", default=None, help="custom: prompt template, str.format over the row "
+                   "({labels} lists the choices)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generate scorer")
+    p.add_argument("--out", default="results.json")
+    p.set_defaults(eval_func=run_cli)
+    return p
+
+
+def run_cli(args) -> int:
+    if args.task == "custom":
+        if not args.labels or not args.data:
+            print("error: --task custom needs --labels and --data", file=sys.stderr)
+            return 2
+        task = custom_task(args.labels, args.template, text_field=args.text_field, label_field=args.label_field)
+    else:
+        task = get_task(args.task, all_labels=args.all_labels)
+    try:
+        result = evaluate_classification(args.model, None, task, scorer=args.scorer, batch_size=args.batch_size,
+                                         limit=args.limit, progress=True, data=args.data,
+                                         length_normalize=getattr(args, "length_normalize", False),
+                                         max_new_tokens=getattr(args, "max_new_tokens", 16))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result["model"] = str(args.model)
+    print(format_table(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,584 @@
+"""LLM-as-a-judge over ``kdistill generate`` outputs: per-answer scores and pairwise comparisons.
+
+Scores (:func:`judge_file`)
+    Each answer row is sent to a judge (a :class:`~kdistill.teachers.ChatClient`, so 429/5xx/timeouts are
+    retried with backoff there) with a ``str.format`` template over ``{instruction}``, ``{input}``,
+    ``{reference_output}``, ``{answer}``, ``{dimensions}`` (comma-separated names) and ``{json_example}``
+    (e.g. ``{"Correctness": <0-5>, ...}``). Default: :data:`JUDGE_TEMPLATE`, dimensions
+    :data:`DIMENSIONS`. The reply is read with :func:`parse_judgement`; an invalid reply is asked again
+    (same request) up to ``max_invalid_retries`` times, then recorded as invalid.
+
+Pairwise (:func:`judge_pairwise`)
+    Rows of two answer files are matched by ``(instruction, input)``. Each pair is asked twice with
+    :data:`PAIRWISE_TEMPLATE` (``{answer_1}``, ``{answer_2}``): A in position 1, then B in position 1. The
+    judge answers ``{"winner": "1" | "2" | "tie"}`` (:func:`parse_verdict`). A row is won by A (or B) only
+    when it wins in both orders; anything else (a tie, or position-inconsistent verdicts) is a tie. A row
+    with an invalid verdict (after retries) is invalid. ``win_rate = (wins_A + 0.5 * ties) / valid rows``.
+
+Cache (append-only JSON Lines at ``out_path``, the format and writer of :mod:`kdistill.annotate`)::
+
+    scores:   {"key", "status": "ok" | "unparsable" | "failed", "mode": "score", "judge": <model>,
+               "answers_key": <the generate row's key>, "instruction", "input", "reference_output",
+               "generate_output", "dimensions", "scores": {dim: int} | null, "raw": [reply per attempt],
+               "attempts", "error"?, "time"}
+    pairwise: {"key", "status", "mode": "pairwise", "judge", "instruction", "input", "answer_a", "answer_b",
+               "verdicts": [<order A-first: "A"|"B"|"tie"|null>, <order B-first>], "result": "A"|"B"|"tie"|null,
+               "raw": [[replies, order 1], [replies, order 2]], "attempts", "error"?, "time"}
+
+``status``: ``ok`` = a valid judgement; ``unparsable`` = still invalid after the retries (the judge's
+final word: kept on rerun, counted as invalid); ``failed`` = the request itself failed (ChatError after
+the client's retries; redone on rerun, counted as invalid meanwhile). ``key`` = SHA-256 of the canonical
+JSON of (mode, judge model, the client's params, template, dimensions, row content), so a change of any of
+them asks again. A rerun skips keys whose last record is ``ok`` / ``unparsable``; a line cut short by a
+kill is ignored.
+
+Score values: ints 0..5; integral floats (``4.0``) and integer strings (``"4"``) are accepted as that
+integer; fractions (``4.5``), other strings, booleans, ``null`` and values outside 0..5 make the whole
+judgement invalid (the template asks for integers, and a half point means the format was not followed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+# Private helper of kdistill.annotate reused on purpose: the append-only writer.
+from kdistill.annotate import _Writer, load_annotations
+
+__all__ = ["DIMENSIONS", "JUDGE_TEMPLATE", "PAIRWISE_TEMPLATE", "JudgeSummary", "PairwiseSummary", "add_parser",
+           "judge_file", "judge_pairwise", "load_answers", "main", "parse_judgement", "parse_verdict", "run_cli"]
+
+logger = logging.getLogger(__name__)
+
+DIMENSIONS = ("Correctness", "Completeness", "Relevance", "Fluency")
+MIN_SCORE, MAX_SCORE = 0, 5
+
+JUDGE_TEMPLATE = """You are a strict, impartial judge of answers to instructions.
+
+[Instruction]
+{instruction}
+
+[Input]
+{input}
+
+[Reference answer]
+{reference_output}
+
+[Answer to judge]
+{answer}
+[End of answer]
+
+Rate the answer to judge on each of these dimensions: {dimensions}. Use integers from 0 (worst) to 5 (best);
+the reference answer shows what a good answer contains. Reply with strict JSON only, no other text, in exactly
+this shape:
+{json_example}"""
+
+PAIRWISE_TEMPLATE = """You are a strict, impartial judge. Compare two answers to the same instruction.
+
+[Instruction]
+{instruction}
+
+[Input]
+{input}
+
+[Reference answer]
+{reference_output}
+
+[Answer 1]
+{answer_1}
+[End of answer 1]
+
+[Answer 2]
+{answer_2}
+[End of answer 2]
+
+Which answer is better (more correct, complete, relevant and fluent)? Do not let the order of the answers or
+their length alone decide. Reply with strict JSON only, no other text: {{"winner": "1"}}, {{"winner": "2"}} or
+{{"winner": "tie"}}."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _json_objects(text: str):
+    """Every JSON object in ``text``, in order of its opening brace (the first balanced ``{...}`` that parses
+    first); ``` fences and surrounding prose are skipped over."""
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", text):
+        try:
+            value, _ = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            yield value
+
+
+def _score(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        number = int(value)
+    else:
+        return None
+    return number if MIN_SCORE <= number <= MAX_SCORE else None
+
+
+def _lookup(obj: Mapping, dimensions: Sequence[str]) -> dict | None:
+    lowered: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = str(key).strip().lower()
+        if name in lowered and lowered[name] != value:
+            return None  # "Correctness": 4 and "correctness": 2: ambiguous
+        lowered[name] = value
+    scores = {}
+    for dim in dimensions:
+        name = dim.strip().lower()
+        if name not in lowered:
+            return None
+        score = _score(lowered[name])
+        if score is None:
+            return None
+        scores[dim] = score
+    return scores
+
+
+def parse_judgement(text: str | None, dimensions: Sequence[str] = DIMENSIONS) -> dict | None:
+    """``{dimension: int score}`` from a judge's reply, or ``None`` when it is invalid.
+
+    The first JSON object in the text that parses (inside ``` fences or prose too) is used; if it lacks the
+    dimensions but holds a ``"scores"`` object, that one. Keys match the dimensions case-insensitively (extra
+    keys such as an explanation are ignored). Invalid: no JSON object, a missing dimension, or a value that
+    is not an integer 0..5 (see the module doc for what counts as an integer).
+    """
+    if not text or not dimensions:
+        return None
+    for obj in _json_objects(text):
+        scores = _lookup(obj, dimensions)
+        if scores is None:
+            nested = next((v for k, v in obj.items() if str(k).strip().lower() == "scores"), None)
+            if isinstance(nested, Mapping):
+                scores = _lookup(nested, dimensions)
+        return scores  # only the first object counts
+    return None
+
+
+def parse_verdict(text: str | None) -> str | None:
+    """``"1"``, ``"2"`` or ``"tie"`` from a pairwise reply ``{"winner": ...}`` (first JSON object; key and
+    value case-insensitive; ints 1/2 accepted); ``None`` when invalid."""
+    if not text:
+        return None
+    for obj in _json_objects(text):
+        value = next((v for k, v in obj.items() if str(k).strip().lower() == "winner"), None)
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int) and value in (1, 2):
+            return str(value)
+        if isinstance(value, str):
+            value = value.strip().lower()
+            value = {"answer 1": "1", "answer 2": "2"}.get(value, value)
+            if value in ("1", "2", "tie"):
+                return value
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def load_answers(path) -> list[dict]:
+    """The rows of a ``generate`` output file (last record per key, in first-seen order)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"answers file not found: {str(path)!r}")
+    rows = []
+    for record in load_annotations(path).values():
+        if record.get("status") != "ok" or "generate_output" not in record:
+            continue
+        rows.append(record)
+    return rows
+
+
+def _key(payload: dict) -> str:
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_template(template: str, fields: Sequence[str]) -> None:
+    try:
+        template.format(**{name: "x" for name in fields})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"judge template cannot be formatted with the fields {', '.join(fields)}: "
+                         f"{type(exc).__name__}: {exc} (write literal braces as {{{{ and }}}})") from None
+
+
+def _ask(client, prompt: str, parse: Callable[[str], Any], max_invalid_retries: int):
+    """``(parsed | None, replies, error | None)``: ask, re-asking while the reply is invalid."""
+    from kdistill.teachers import ChatError
+
+    replies: list[str] = []
+    for _ in range(max_invalid_retries + 1):
+        try:
+            reply = client.complete([{"role": "user", "content": prompt}])
+        except ChatError as exc:
+            return None, replies, str(exc)
+        replies.append(reply)
+        parsed = parse(reply)
+        if parsed is not None:
+            return parsed, replies, None
+    return None, replies, None
+
+
+def _run(jobs: list, work: Callable, writer: _Writer, concurrency: int, progress: bool, desc: str) -> None:
+    """Run ``work(job) -> record`` over ``jobs`` in a thread pool, writing each record as it completes."""
+    from tqdm.auto import tqdm
+
+    if not jobs:
+        return
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
+    pending = iter(jobs)
+    in_flight: dict = {}
+    finished = False
+    try:
+        with tqdm(total=len(jobs), desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
+            for job in pending:
+                in_flight[pool.submit(work, job)] = job
+                if len(in_flight) >= concurrency:
+                    break
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    in_flight.pop(future)
+                    writer.write(future.result())
+                    bar.update(1)
+                    job = next(pending, None)
+                    if job is not None:
+                        in_flight[pool.submit(work, job)] = job
+        finished = True
+    finally:
+        pool.shutdown(wait=finished, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores
+
+
+@dataclass
+class JudgeSummary:
+    """Scores of one answers file: ``means`` per dimension over valid judgements (``None`` when none is
+    valid), ``valid``, ``invalid`` (unparsable after retries, or the request failed; ``failed`` counts the
+    latter), ``total`` rows; ``judged`` = asked in this run, ``cached`` = taken from the file."""
+
+    answers: str = ""
+    dimensions: list = field(default_factory=list)
+    means: dict = field(default_factory=dict)
+    valid: int = 0
+    invalid: int = 0
+    failed: int = 0
+    total: int = 0
+    judged: int = 0
+    cached: int = 0
+
+    def __str__(self) -> str:
+        means = ", ".join(f"{d}={'n/a' if m is None else f'{m:.3f}'}" for d, m in self.means.items())
+        return f"{self.answers}: {means}; valid {self.valid}/{self.total} (invalid {self.invalid})"
+
+
+def judge_file(answers_path, out_path, client, model_name: str | None = None, template: str = JUDGE_TEMPLATE,
+               dimensions: Sequence[str] = DIMENSIONS, max_invalid_retries: int = 2, concurrency: int = 4,
+               progress: bool = True) -> JudgeSummary:
+    """Score every row of a ``generate`` output file with the judge ``client`` (see the module doc).
+
+    ``model_name``: the judge's name in records and cache keys (default: ``client.id``). Returns a
+    :class:`JudgeSummary` over all rows of the file (judged now or cached in ``out_path``).
+    """
+    if isinstance(dimensions, str):
+        raise TypeError("dimensions must be a list of names, not one string")
+    dimensions = [str(d).strip() for d in dimensions]
+    if not dimensions or any(not d for d in dimensions):
+        raise ValueError("dimensions must be a non-empty list of non-empty names")
+    if len({d.lower() for d in dimensions}) != len(dimensions):
+        raise ValueError(f"dimensions repeat (case-insensitively): {dimensions}")
+    if concurrency < 1 or max_invalid_retries < 0:
+        raise ValueError("concurrency must be >= 1 and max_invalid_retries >= 0")
+    _check_template(template, ("instruction", "input", "reference_output", "answer", "dimensions", "json_example"))
+    judge = model_name or client.id
+    params = dict(getattr(client, "params", {}) or {})
+    json_example = "{" + ", ".join(f'"{d}": <{MIN_SCORE}-{MAX_SCORE}>' for d in dimensions) + "}"
+    out_path = Path(out_path)
+
+    jobs, keys = [], []
+    for row in load_answers(answers_path):
+        content = {k: row.get(k) or "" for k in ("instruction", "input", "reference_output", "generate_output")}
+        key = _key({"mode": "score", "judge": judge, "params": params, "template": template,
+                    "dimensions": dimensions, "row": content})
+        keys.append(key)
+        prompt = template.format(instruction=content["instruction"], input=content["input"] or "(none)",
+                                 reference_output=content["reference_output"], answer=content["generate_output"],
+                                 dimensions=", ".join(dimensions), json_example=json_example)
+        jobs.append((key, row.get("key"), content, prompt))
+
+    existing = load_annotations(out_path)
+    unique = {job[0]: job for job in jobs}
+    todo = [job for key, job in unique.items()
+            if key not in existing or existing[key]["status"] == "failed"]
+
+    def work(job) -> dict:
+        key, answers_key, content, prompt = job
+        start = time.monotonic()
+        scores, replies, error = _ask(client, prompt, lambda text: parse_judgement(text, dimensions),
+                                      max_invalid_retries)
+        record = {"key": key, "status": "ok" if scores is not None else ("failed" if error else "unparsable"),
+                  "mode": "score", "judge": judge, "answers_key": answers_key, **content,
+                  "dimensions": dimensions, "scores": scores, "raw": replies, "attempts": len(replies),
+                  "time": _now(), "elapsed_s": round(time.monotonic() - start, 3)}
+        if error:
+            record["error"] = error
+        return record
+
+    writer = _Writer(out_path, fsync_every=1)
+    try:
+        _run(todo, work, writer, concurrency, progress, "judge")
+    finally:
+        writer.close()
+
+    records = load_annotations(out_path)
+    summary = JudgeSummary(answers=str(answers_path), dimensions=list(dimensions), total=len(keys),
+                           judged=len(todo), cached=len(unique) - len(todo))
+    sums = {d: 0 for d in dimensions}
+    for key in keys:
+        record = records.get(key)
+        if record is not None and record["status"] == "ok":
+            summary.valid += 1
+            for d in dimensions:
+                sums[d] += record["scores"][d]
+        else:
+            summary.invalid += 1
+            if record is None or record["status"] == "failed":
+                summary.failed += 1
+    summary.means = {d: (sums[d] / summary.valid if summary.valid else None) for d in dimensions}
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pairwise
+
+
+@dataclass
+class PairwiseSummary:
+    """``wins_a`` / ``ties`` / ``wins_b`` over ``valid`` rows, ``invalid`` rows, ``total`` rows present in
+    both files, ``win_rate`` of A = ``(wins_a + 0.5 * ties) / valid`` (``None`` when no row is valid)."""
+
+    answers_a: str = ""
+    answers_b: str = ""
+    wins_a: int = 0
+    ties: int = 0
+    wins_b: int = 0
+    valid: int = 0
+    invalid: int = 0
+    total: int = 0
+    only_a: int = 0
+    only_b: int = 0
+    win_rate: float | None = None
+
+    def __str__(self) -> str:
+        rate = "n/a" if self.win_rate is None else f"{self.win_rate:.3f}"
+        return (f"{self.answers_a} vs {self.answers_b}: win rate {rate}; wins/ties/losses "
+                f"{self.wins_a}/{self.ties}/{self.wins_b}; valid {self.valid}/{self.total} (invalid {self.invalid})")
+
+
+def _by_prompt(rows: list[dict]) -> dict:
+    out: dict = {}
+    for row in rows:
+        out.setdefault((row.get("instruction") or "", row.get("input") or ""), row)
+    return out
+
+
+def judge_pairwise(answers_a, answers_b, out_path, client, model_name: str | None = None,
+                   template: str = PAIRWISE_TEMPLATE, max_invalid_retries: int = 2, concurrency: int = 4,
+                   progress: bool = True) -> PairwiseSummary:
+    """Compare two ``generate`` output files row by row, in both answer orders (see the module doc)."""
+    if concurrency < 1 or max_invalid_retries < 0:
+        raise ValueError("concurrency must be >= 1 and max_invalid_retries >= 0")
+    _check_template(template, ("instruction", "input", "reference_output", "answer_1", "answer_2"))
+    judge = model_name or client.id
+    params = dict(getattr(client, "params", {}) or {})
+    rows_a, rows_b = _by_prompt(load_answers(answers_a)), _by_prompt(load_answers(answers_b))
+    shared = [k for k in rows_a if k in rows_b]
+    out_path = Path(out_path)
+
+    jobs = []
+    for instruction, inp in shared:
+        a, b = rows_a[(instruction, inp)]["generate_output"], rows_b[(instruction, inp)]["generate_output"]
+        reference = rows_a[(instruction, inp)].get("reference_output") or ""
+        key = _key({"mode": "pairwise", "judge": judge, "params": params, "template": template,
+                    "instruction": instruction, "input": inp, "reference_output": reference, "a": a, "b": b})
+        prompts = [template.format(instruction=instruction, input=inp or "(none)", reference_output=reference,
+                                   answer_1=first, answer_2=second) for first, second in ((a, b), (b, a))]
+        jobs.append((key, instruction, inp, a, b, prompts))
+
+    existing = load_annotations(out_path)
+    todo = [job for job in jobs if job[0] not in existing or existing[job[0]]["status"] == "failed"]
+
+    def work(job) -> dict:
+        key, instruction, inp, a, b, prompts = job
+        start = time.monotonic()
+        verdicts, raw, error = [], [], None
+        for order, prompt in enumerate(prompts):
+            verdict, replies, error = _ask(client, prompt, parse_verdict, max_invalid_retries)
+            raw.append(replies)
+            if verdict is None:
+                verdicts.append(None)
+                break
+            mapping = {"1": "A", "2": "B"} if order == 0 else {"1": "B", "2": "A"}
+            verdicts.append(mapping.get(verdict, "tie"))
+        if len(verdicts) == 2 and None not in verdicts:
+            result = verdicts[0] if verdicts[0] == verdicts[1] and verdicts[0] != "tie" else "tie"
+            status = "ok"
+        else:
+            result, status = None, "failed" if error else "unparsable"
+        record = {"key": key, "status": status, "mode": "pairwise", "judge": judge, "instruction": instruction,
+                  "input": inp, "answer_a": a, "answer_b": b, "verdicts": verdicts, "result": result, "raw": raw,
+                  "attempts": sum(len(r) for r in raw), "time": _now(),
+                  "elapsed_s": round(time.monotonic() - start, 3)}
+        if error:
+            record["error"] = error
+        return record
+
+    writer = _Writer(out_path, fsync_every=1)
+    try:
+        _run(todo, work, writer, concurrency, progress, "judge (pairwise)")
+    finally:
+        writer.close()
+
+    records = load_annotations(out_path)
+    summary = PairwiseSummary(answers_a=str(answers_a), answers_b=str(answers_b), total=len(jobs),
+                              only_a=len(rows_a) - len(shared), only_b=len(rows_b) - len(shared))
+    for job in jobs:
+        record = records.get(job[0])
+        if record is None or record["status"] != "ok":
+            summary.invalid += 1
+            continue
+        summary.valid += 1
+        if record["result"] == "A":
+            summary.wins_a += 1
+        elif record["result"] == "B":
+            summary.wins_b += 1
+        else:
+            summary.ties += 1
+    if summary.valid:
+        summary.win_rate = (summary.wins_a + 0.5 * summary.ties) / summary.valid
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--answers", nargs="+", metavar="FILE", help="generate output file(s) to score")
+    what.add_argument("--pairwise", nargs=2, metavar=("A", "B"), help="Compare two generate output files")
+    p.add_argument("--base-url", required=True, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--api-model", required=True, help="Judge model name served at --base-url")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="Environment variable holding the API key (default: OPENAI_API_KEY; unset = no key)")
+    p.add_argument("--template-file", default=None,
+                   help="Own judge template (str.format; scores: {instruction} {input} {reference_output} {answer} "
+                        "{dimensions} {json_example}; pairwise: {answer_1} {answer_2} instead of {answer})")
+    p.add_argument("--dimensions", default=None,
+                   help=f"Comma-separated score dimensions (default: {','.join(DIMENSIONS)})")
+    p.add_argument("--concurrency", type=int, default=4, help="Parallel requests (default: 4)")
+    p.add_argument("--max-invalid-retries", type=int, default=2,
+                   help="Re-asks when a reply is not valid JSON scores (default: 2)")
+    p.add_argument("--out", default=None,
+                   help="Append-only JSONL cache of judgements (default: <answers>.judge.jsonl beside each file, "
+                        "<A>.vs.<B>.pairwise.jsonl for --pairwise)")
+    p.add_argument("--timeout", type=float, default=60.0, help="Seconds per request socket operation (default: 60)")
+    p.add_argument("--max-retries", type=int, default=5, help="Retries on 429/5xx/timeouts (default: 5)")
+    p.add_argument("--backoff", type=float, default=1.0, help="First retry delay in seconds (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="Judge temperature (default: 0)")
+    p.add_argument("--max-tokens", type=int, default=512, help="Judge reply length limit (default: 512)")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the top-level ``judge`` command; run it with :func:`run_cli`."""
+    p = subparsers.add_parser("judge", help="Score generate outputs (or compare two) with an LLM judge.",
+                              description="LLM-as-a-judge over generate output files; judgements are cached in "
+                                          "an append-only JSONL file, so a rerun resumes.")
+    _add_arguments(p)
+    return p
+
+
+def run_cli(args) -> int:
+    """Run ``judge``. Prints per answers file the mean of each dimension and valid/total (pairwise: the win
+    rate of A and wins/ties/losses). Exit code 0, 1 when some judgement is invalid, 2 on an error."""
+    from kdistill.teachers import ChatClient, ChatError
+
+    try:
+        client = ChatClient(args.base_url, args.api_model, api_key_env=args.api_key_env, timeout=args.timeout,
+                            max_retries=args.max_retries, backoff=args.backoff,
+                            params={"temperature": args.temperature, "max_tokens": args.max_tokens})
+        template = None
+        if args.template_file:
+            template = Path(args.template_file).read_text(encoding="utf-8")
+        progress = not args.no_progress
+        invalid = 0
+        if args.pairwise:
+            a, b = args.pairwise
+            out = args.out or str(Path(a).with_name(f"{Path(a).stem}.vs.{Path(b).stem}.pairwise.jsonl"))
+            summary = judge_pairwise(a, b, out, client, template=template or PAIRWISE_TEMPLATE,
+                                     max_invalid_retries=args.max_invalid_retries, concurrency=args.concurrency,
+                                     progress=progress)
+            print(summary)
+            invalid += summary.invalid
+        else:
+            dims = [d.strip() for d in args.dimensions.split(",") if d.strip()] if args.dimensions else DIMENSIONS
+            for answers in args.answers:
+                out = args.out or str(Path(answers).with_name(f"{Path(answers).stem}.judge.jsonl"))
+                summary = judge_file(answers, out, client, template=template or JUDGE_TEMPLATE, dimensions=dims,
+                                     max_invalid_retries=args.max_invalid_retries, concurrency=args.concurrency,
+                                     progress=progress)
+                print(summary)
+                invalid += summary.invalid
+    except (ChatError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
+        print(f"kdistill judge: error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if invalid else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdistill.evaluation.judge",
+                                     description="LLM-as-a-judge over generate outputs (resumable).")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_cli(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
