@@ -70,9 +70,10 @@ def _eval_parser(sub) -> None:
     sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
     sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
                      help="Override the folder's pooling (plain transformers folders: mean, eos for decoders)")
-    from kdistill.evaluation import classify
+    from kdistill.evaluation import classify, lm
 
     classify.add_parser(kinds)
+    lm.add_parser(kinds)
 
 
 def cmd_quickstart(args) -> int:
@@ -91,6 +92,10 @@ def cmd_quickstart(args) -> int:
 def cmd_eval(args) -> int:
     if args.eval_kind == "classify":
         from kdistill.evaluation.classify import run_cli
+
+        return run_cli(args)
+    if args.eval_kind == "lm":
+        from kdistill.evaluation.lm import run_cli
 
         return run_cli(args)
     return _eval_sts(args)
@@ -172,8 +177,15 @@ def cmd_judge(args) -> int:
     return run_cli(args)
 
 
+def cmd_report(args) -> int:
+    from kdistill.report import run_cli
+
+    return run_cli(args)
+
+
 COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval,
-            "annotate": cmd_annotate, "generate": cmd_generate, "judge": cmd_judge}
+            "annotate": cmd_annotate, "generate": cmd_generate, "judge": cmd_judge,
+            "report": cmd_report}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     _quickstart_parser(sub)
     _train_parser(sub)
     add_annotate_parser(sub)
+    from kdistill import report
+
     generate.add_parser(sub)
     judge.add_parser(sub)
+    report.add_parser(sub)
     _eval_parser(sub)
     _tiny_parser(sub)
     return parser
