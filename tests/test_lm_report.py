@@ -221,3 +221,19 @@ def test_report_renders_in_headless_chromium(report_files, tmp_path):
     assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
     rgb = pixels[..., :3].reshape(-1, 3)
     assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 50  # text, tables and charts, not blank
+
+
+def test_model_and_tokenizer_files_are_not_reported_as_results(tmp_path):
+    """A run folder is also a saved model: its config/tokenizer JSON files are not evaluation results."""
+    from kdistill.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"hidden_size": 48, "vocab_size": 400}))
+    (run / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 0}}}))
+    (run / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 10 ** 30}))
+    (run / "lm_eval.json").write_text(json.dumps({"kind": "lm", "accuracy": 0.8125}))
+    md, _ = build_report([run], tmp_path / "out")
+    text = md.read_text()
+    assert "lm_eval" in text and "0.8125" in text
+    assert "hidden_size" not in text and "endoftext" not in text and "model_max_length" not in text

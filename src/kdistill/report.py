@@ -25,6 +25,13 @@ __all__ = ["build_report", "format_number", "load_run", "add_parser", "run_cli"]
 
 CONFIG_FILE = "kdistill_config.yaml"
 SUMMARY_FILE = "kdistill_summary.json"
+# JSON files a saved model, tokenizer, adapter or trainer checkpoint writes next to the results: not results.
+NOT_RESULTS = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "chat_template.json", "preprocessor_config.json", "adapter_config.json",
+    "model.safetensors.index.json", "trainer_state.json", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "kdistill_embedding.json", "counts.json", SUMMARY_FILE,
+})
 _MAX_BAR_METRICS = 12
 
 
@@ -93,7 +100,7 @@ def load_run(run_dir) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path else {}
     results = {}
     for path in sorted(run_dir.glob("*.json")):
-        if path.name == SUMMARY_FILE:
+        if path.name in NOT_RESULTS:
             continue
         try:
             results[path.stem] = json.loads(path.read_text())
