@@ -46,3 +46,7 @@ from kdistill.losses.hidden import (  # noqa: E402
 )
 
 __all__ += ["HIDDEN_LOSSES", "attention_kl", "hidden_cosine", "hidden_mse", "layer_output_index", "resolve_layer_map"]
+
+from kdistill.losses.chunked import chunked_distillation_loss  # noqa: E402
+
+__all__ += ["chunked_distillation_loss"]
