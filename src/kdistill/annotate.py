@@ -1036,12 +1036,9 @@ def run_cli(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdistill.annotate",
-                                     description="Annotate rows with a teacher (resumable); see kdistill.annotate.")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_cli(args)
+    from kdistill.cli import module_main
+
+    return module_main("python -m kdistill.annotate", "Annotate rows with a teacher (resumable); see kdistill.annotate.", _add_arguments, run_cli, argv)
 
 
 if __name__ == "__main__":

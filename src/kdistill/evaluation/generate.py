@@ -216,12 +216,9 @@ def run_cli(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdistill.evaluation.generate",
-                                     description="Generate answers to a test set (resumable).")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_cli(args)
+    from kdistill.cli import module_main
+
+    return module_main("python -m kdistill.evaluation.generate", "Generate answers to a test set (resumable).", _add_arguments, run_cli, argv)
 
 
 if __name__ == "__main__":

@@ -572,12 +572,9 @@ def run_cli(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdistill.evaluation.judge",
-                                     description="LLM-as-a-judge over generate outputs (resumable).")
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_cli(args)
+    from kdistill.cli import module_main
+
+    return module_main("python -m kdistill.evaluation.judge", "LLM-as-a-judge over generate outputs (resumable).", _add_arguments, run_cli, argv)
 
 
 if __name__ == "__main__":
