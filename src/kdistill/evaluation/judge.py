@@ -307,6 +307,16 @@ class JudgeSummary:
         return f"{self.answers}: {means}; valid {self.valid}/{self.total} (invalid {self.invalid})"
 
 
+def _judge_into(out_path, todo, work, concurrency, progress, label) -> dict:
+    """Run the pending jobs, appending one record per job to `out_path`; return the last record per key."""
+    writer = _Writer(out_path, fsync_every=1)
+    try:
+        _run(todo, work, writer, concurrency, progress, label)
+    finally:
+        writer.close()
+    return load_annotations(out_path)
+
+
 def judge_file(answers_path, out_path, client, model_name: str | None = None, template: str = JUDGE_TEMPLATE,
                dimensions: Sequence[str] = DIMENSIONS, max_invalid_retries: int = 2, concurrency: int = 4,
                progress: bool = True) -> JudgeSummary:
@@ -359,13 +369,7 @@ def judge_file(answers_path, out_path, client, model_name: str | None = None, te
             record["error"] = error
         return record
 
-    writer = _Writer(out_path, fsync_every=1)
-    try:
-        _run(todo, work, writer, concurrency, progress, "judge")
-    finally:
-        writer.close()
-
-    records = load_annotations(out_path)
+    records = _judge_into(out_path, todo, work, concurrency, progress, "judge")
     summary = JudgeSummary(answers=str(answers_path), dimensions=list(dimensions), total=len(keys),
                            judged=len(todo), cached=len(unique) - len(todo))
     sums = {d: 0 for d in dimensions}
@@ -468,13 +472,7 @@ def judge_pairwise(answers_a, answers_b, out_path, client, model_name: str | Non
             record["error"] = error
         return record
 
-    writer = _Writer(out_path, fsync_every=1)
-    try:
-        _run(todo, work, writer, concurrency, progress, "judge (pairwise)")
-    finally:
-        writer.close()
-
-    records = load_annotations(out_path)
+    records = _judge_into(out_path, todo, work, concurrency, progress, "judge (pairwise)")
     summary = PairwiseSummary(answers_a=str(answers_a), answers_b=str(answers_b), total=len(jobs),
                               only_a=len(rows_a) - len(shared), only_b=len(rows_b) - len(shared))
     for job in jobs:
