@@ -50,3 +50,7 @@ __all__ += ["HIDDEN_LOSSES", "attention_kl", "hidden_cosine", "hidden_mse", "lay
 from kdistill.losses.chunked import chunked_distillation_loss  # noqa: E402
 
 __all__ += ["chunked_distillation_loss"]
+
+from kdistill.losses.topk import TopKTeacher, topk_divergence, topk_from_logits  # noqa: E402
+
+__all__ += ["TopKTeacher", "topk_divergence", "topk_from_logits"]
