@@ -254,10 +254,8 @@ class Contrastive(Objective):
         negatives = None
         if batch.has_field("negative"):
             negatives = batch.embeddings("negative").reshape(anchor.shape[0], -1, anchor.shape[-1])
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1
         loss = info_nce(anchor, positive, negatives, temperature=self.cfg.temperature,
-                        num_items=batch.num_examples, gather=distributed)
+                        num_items=batch.num_examples, gather=True)  # all processes; no-op in one
         with torch.no_grad():
             a, p = F.normalize(anchor.float(), dim=-1), F.normalize(positive.float(), dim=-1)
             correct = (a @ p.T).argmax(-1).eq(torch.arange(a.shape[0], device=a.device))
@@ -509,10 +507,8 @@ class Triplet(Objective):
 
         anchor, positive = batch.embeddings("anchor"), batch.embeddings("positive")
         negative = batch.embeddings("negative").reshape(anchor.shape[0], -1, anchor.shape[-1])
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-            torch.distributed.get_world_size() > 1
         loss = info_nce(anchor, positive, negative, temperature=self.cfg.temperature,
-                        num_items=batch.num_examples, gather=distributed)
+                        num_items=batch.num_examples, gather=True)  # all processes; no-op in one
         with torch.no_grad():
             a, p, n = (F.normalize(x.float(), dim=-1) for x in (anchor, positive, negative[:, 0]))
             closer = ((a * p).sum(-1) > (a * n).sum(-1)).sum().float()

@@ -51,6 +51,7 @@ __all__ = [
     "DIVERGENCES",
     "get_divergence",
     "reduce_positions",
+    "per_row_divergence",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -135,13 +136,45 @@ def _divergence(per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     return apply
 
 
+def per_row_divergence(name: str, beta: float = 0.5, alpha: float = 0.1) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                   torch.Tensor]:
+    """The per-position function of (log P_s, log P_t), (N, V) -> (N,), of a divergence (before T^2 and reduction).
+
+    The one definition of each divergence's formula: the dense functions below, the top-k teacher path
+    (`kdistill.losses.topk`) and the chunked loss all apply it. `beta` is used by jsd, `alpha` by the skew KLs.
+    """
+    if name == "forward_kl":
+        return lambda ls, lt: _kl_rows(lt, ls)
+    if name == "reverse_kl":
+        return lambda ls, lt: _kl_rows(ls, lt)
+    if name == "jsd":
+        _check_unit_interval("beta", beta)
+
+        def jsd_rows(ls, lt):
+            if beta in (0.0, 1.0):
+                return (ls * 0.0).sum(-1)
+            log_m = _log_mixture(lt, ls, beta)
+            return beta * _kl_rows(lt, log_m) + (1.0 - beta) * _kl_rows(ls, log_m)
+
+        return jsd_rows
+    if name == "skew_forward_kl":
+        _check_unit_interval("alpha", alpha)
+        return lambda ls, lt: _skew_kl_rows(lt, ls, alpha)
+    if name == "skew_reverse_kl":
+        _check_unit_interval("alpha", alpha)
+        return lambda ls, lt: _skew_kl_rows(ls, lt, alpha)
+    if name == "tvd":
+        return lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCE_PARAMS)}")
+
+
 def forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="mean", num_items=None):
     """Forward KL, KL(P_teacher || P_student) = sum_v P_t (log P_t - log P_s), per position.
 
     The standard KD objective (Hinton et al., 2015): mode-covering, the student spreads mass over everything the
     teacher considers likely. Shapes (..., V); see the module docstring for mask, temperature and reduction.
     """
-    return _divergence(lambda ls, lt: _kl_rows(lt, ls))(
+    return _divergence(per_row_divergence("forward_kl"))(
         student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
@@ -151,7 +184,7 @@ def reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, reduc
     Mode-seeking: the student concentrates on the teacher's main modes (MiniLLM, Gu et al., 2024).
     Shapes (..., V); see the module docstring for mask, temperature and reduction.
     """
-    return _divergence(lambda ls, lt: _kl_rows(ls, lt))(
+    return _divergence(per_row_divergence("reverse_kl"))(
         student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
@@ -166,15 +199,8 @@ def jsd(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="m
     Models", GKD). beta = 0 or 1 makes M equal one of the two distributions and the value is exactly 0.
     Shapes (..., V); see the module docstring for mask, temperature and reduction.
     """
-    _check_unit_interval("beta", beta)
-
-    def per_row(ls, lt):
-        if beta in (0.0, 1.0):
-            return (ls * 0.0).sum(-1)
-        log_m = _log_mixture(lt, ls, beta)
-        return beta * _kl_rows(lt, log_m) + (1.0 - beta) * _kl_rows(ls, log_m)
-
-    return _divergence(per_row)(student_logits, teacher_logits, mask, temperature, reduction, num_items)
+    return _divergence(per_row_divergence("jsd", beta=beta))(
+        student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
 def _skew_kl_rows(log_p: torch.Tensor, log_q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -193,8 +219,7 @@ def skew_forward_kl(student_logits, teacher_logits, mask=None, temperature=1.0, 
     alpha = 0 is the forward KL; alpha = 1 gives 0. Mixing a little of the teacher into the student side keeps
     the divergence and its gradient bounded where the student gives a teacher token almost no mass.
     """
-    _check_unit_interval("alpha", alpha)
-    return _divergence(lambda ls, lt: _skew_kl_rows(lt, ls, alpha))(
+    return _divergence(per_row_divergence("skew_forward_kl", alpha=alpha))(
         student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
@@ -204,14 +229,13 @@ def skew_reverse_kl(student_logits, teacher_logits, mask=None, temperature=1.0, 
 
     alpha = 0 is the reverse KL; alpha = 1 gives 0.
     """
-    _check_unit_interval("alpha", alpha)
-    return _divergence(lambda ls, lt: _skew_kl_rows(ls, lt, alpha))(
+    return _divergence(per_row_divergence("skew_reverse_kl", alpha=alpha))(
         student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 
 def tvd(student_logits, teacher_logits, mask=None, temperature=1.0, reduction="mean", num_items=None):
     """Total variation distance, 0.5 * sum_v |P_t - P_s|, per position; symmetric, in [0, 1] (times T^2)."""
-    return _divergence(lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1))(
+    return _divergence(per_row_divergence("tvd"))(
         student_logits, teacher_logits, mask, temperature, reduction, num_items)
 
 

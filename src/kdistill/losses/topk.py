@@ -49,10 +49,7 @@ from kdistill.losses.divergences import (
     DIVERGENCE_PARAMS,
     _REDUCTIONS,
     _check_temperature,
-    _check_unit_interval,
-    _kl_rows,
-    _log_mixture,
-    _skew_kl_rows,
+    per_row_divergence,
     reduce_positions,
 )
 
@@ -100,30 +97,7 @@ def _per_row(divergence: str, kwargs: dict) -> Callable[[torch.Tensor, torch.Ten
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(f"divergence {divergence!r} takes no parameter(s) {unknown}; it takes {list(allowed)}")
-    if divergence == "forward_kl":
-        return lambda ls, lt: _kl_rows(lt, ls)
-    if divergence == "reverse_kl":
-        return lambda ls, lt: _kl_rows(ls, lt)
-    if divergence == "jsd":
-        beta = float(kwargs.get("beta", 0.5))
-        _check_unit_interval("beta", beta)
-
-        def jsd_rows(ls, lt):
-            if beta in (0.0, 1.0):
-                return (ls * 0.0).sum(-1)
-            log_m = _log_mixture(lt, ls, beta)
-            return beta * _kl_rows(lt, log_m) + (1.0 - beta) * _kl_rows(ls, log_m)
-
-        return jsd_rows
-    if divergence in ("skew_forward_kl", "skew_reverse_kl"):
-        alpha = float(kwargs.get("alpha", 0.1))
-        _check_unit_interval("alpha", alpha)
-        if divergence == "skew_forward_kl":
-            return lambda ls, lt: _skew_kl_rows(lt, ls, alpha)
-        return lambda ls, lt: _skew_kl_rows(ls, lt, alpha)
-    if divergence == "tvd":
-        return lambda ls, lt: 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
-    raise ValueError(f"divergence {divergence!r} has no top-k form")  # pragma: no cover
+    return per_row_divergence(divergence, **{k: float(v) for k, v in kwargs.items()})
 
 
 def _teacher_bucket(log_pk: torch.Tensor) -> torch.Tensor:
