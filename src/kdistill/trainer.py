@@ -237,9 +237,9 @@ class DistillTrainer(Trainer):
         for name, (objective, weight) in self.objectives.items():
             loss, metrics = objective(batch)
             total = weight * loss if total is None else total + weight * loss
-            self._record(mode, f"loss/{name}", loss.detach() * scale, additive=True)
+            self._record(mode, f"loss/{name}", loss.detach() * scale)
             for key, value in metrics.items():
-                self._record(mode, f"{name}/{key}", value * scale, additive=True)
+                self._record(mode, f"{name}/{key}", value * scale)
         total = total * scale
         outputs = batch.student_outputs if return_outputs and "labels" in inputs else None
         return (total, outputs) if return_outputs else total
@@ -251,10 +251,10 @@ class DistillTrainer(Trainer):
         return loss.detach(), None, None
 
     # -------------------------------------------------------------------------------------------------- logs
-    def _record(self, mode: str, key: str, value: float | torch.Tensor, additive: bool) -> None:
-        """Additive values (terms normalised by the step's global token count) add up over the micro-batches of an
-        optimizer step and are divided by the optimizer steps since the last log; other values, and every value
-        in evaluation (where each batch is normalised by its own count), are averaged per micro-batch.
+    def _record(self, mode: str, key: str, value: float | torch.Tensor) -> None:
+        """Accumulate a logged value. Training values are normalised by the step's global counts, so they add up over
+        the micro-batches of an optimizer step and are divided by the optimizer steps since the last log; evaluation
+        values (each batch normalised by its own count) are averaged per batch.
 
         Values may be 0-dim tensors: they are summed on the device and read once, at log time (no per-step sync).
         """
@@ -262,10 +262,7 @@ class DistillTrainer(Trainer):
             self._window_start = self.state.global_step  # also right after resuming from a checkpoint
         slot = self._terms[mode][key]
         slot[0] += value
-        if not additive or mode == "eval":
-            slot[1] += 1
-        else:
-            slot[1] = -1  # marks an additive term: divided by optimizer steps at log time
+        slot[1] += 1
 
     def _flush(self, mode: str) -> dict[str, float]:
         terms = self._terms[mode]
@@ -273,7 +270,7 @@ class DistillTrainer(Trainer):
             return {}
         steps = max(self.state.global_step - (self._window_start or 0), 1)
         keys = sorted(terms)
-        values = torch.tensor([float(terms[k][0]) / (steps if terms[k][1] == -1 else max(terms[k][1], 1))
+        values = torch.tensor([float(terms[k][0]) / (steps if mode == "train" else max(terms[k][1], 1))
                                for k in keys],
                               dtype=torch.float64, device=self.args.device)
         if self.args.world_size > 1:
