@@ -6,7 +6,8 @@ baseline process that only allocates the same inputs (so the number is the loss'
     .venv/bin/python benchmarks/chunked_loss.py                       # V=151936, H=896, N=1024 and 4096
     .venv/bin/python benchmarks/chunked_loss.py --tokens 256 --vocab 32000   # quick
 
-Dense is skipped when its rough estimate (12 (N, V) float32 tensors) exceeds 80% of MemAvailable.
+Dense is skipped when its estimate (9 (N, V) float32 tensors; 8.3 were measured at N = 1,024) exceeds 90% of
+MemAvailable, unless --force-dense is given (the child may then be killed for memory, which is reported).
 Not a test: timings on a shared 2-core machine are noisy.
 """
 
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--divergence", default="forward_kl")
     parser.add_argument("--child", choices=["baseline", "dense", "chunked"])
+    parser.add_argument("--force-dense", action="store_true", help="Run dense even above the memory estimate")
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.tokens[0], args.vocab, args.hidden, args.chunk_size, args.divergence)
@@ -86,8 +88,8 @@ def main() -> None:
     for tokens in args.tokens:
         base = _run("baseline", args, tokens)
         rows = {}
-        dense_estimate = 12 * tokens * args.vocab * 4
-        if dense_estimate > 0.8 * _mem_available_bytes():
+        dense_estimate = 9 * tokens * args.vocab * 4
+        if dense_estimate > 0.9 * _mem_available_bytes() and not args.force_dense:
             rows["dense"] = {"error": f"skipped (estimated ~{dense_estimate / 2**30:.1f} GiB)"}
         else:
             rows["dense"] = _run("dense", args, tokens)

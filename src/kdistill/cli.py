@@ -27,6 +27,28 @@ def _train_parser(sub) -> None:
                    help="Validate config, tokenizers and data, print the resolved config, train nothing")
 
 
+def _cache_parser(sub) -> None:
+    p = sub.add_parser(
+        "cache", help="Run the teacher once and store its top-k next-token distributions (cache.dir).",
+        description="Write a top-k teacher cache for a training config: for every trained token of data.train (and "
+                    "data.eval) the teacher's cache.k most likely ids and log-probs at cache.temperature, sharded "
+                    "and compressed under cache.dir. Resumes a partial cache. `kdistill train` with the same config "
+                    "then trains kd from it without loading the teacher.")
+    p.add_argument("config", help="YAML config file (the one you train with)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override a config field, e.g. --set cache.k=32 (repeatable)")
+
+
+def cmd_cache(args) -> int:
+    from kdistill.config import load_config
+    from kdistill.teacher_cache import build_cache
+
+    cfg = load_config(args.config, args.overrides)
+    stats = build_cache(cfg)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
 def _tiny_parser(sub) -> None:
     p = sub.add_parser("tiny", help="Write a tiny offline teacher/student pair (for trying kdistill without a hub).",
                        description="Train a tokenizer on a local text/JSONL file and write a small randomly "
@@ -185,7 +207,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval,
             "annotate": cmd_annotate, "generate": cmd_generate, "judge": cmd_judge,
-            "report": cmd_report}
+            "report": cmd_report, "cache": cmd_cache}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _quickstart_parser(sub)
     _train_parser(sub)
+    _cache_parser(sub)
     add_annotate_parser(sub)
     from kdistill import report
 
@@ -228,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     from kdistill.data import DataValidationError
     from kdistill.models import VocabularyMismatchError
     from kdistill.quickstart import TeacherUnavailable
+    from kdistill.teacher_cache import CacheMismatchError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataValidationError, VocabularyMismatchError, FileNotFoundError, TeacherUnavailable) as exc:
+    except (ConfigError, DataValidationError, VocabularyMismatchError, FileNotFoundError, TeacherUnavailable,
+            CacheMismatchError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

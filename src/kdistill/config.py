@@ -101,6 +101,9 @@ class ObjectiveConfig:
     encoder_layer_map: Any = _f(None, "hidden, T5: layer map of the encoder stack (default: layer_map).")
     decoder_layer_map: Any = _f(None, "hidden: layer map of the decoder stack (T5 decoder, or a causal LM's layers; "
                                 "default: layer_map).")
+    missing: str = _f("bucket", "kd from a top-k cache: the teacher mass outside its stored k ids is one extra "
+                      "'bucket' outcome on both sides (needs the loss temperature = cache.temperature), or the "
+                      "k ids are 'renormalize'd on both sides (any loss temperature).", ("bucket", "renormalize"))
     hidden_loss: str = _f("mse", "hidden: per-position distance between (projected) student and teacher hidden "
                           "states: mse (mean over the width) or cosine (1 - cos).", ("mse", "cosine"))
 
@@ -149,6 +152,33 @@ class StepByStepConfig:
     eval_batch_size: int = _f(32, "Evaluation: generation batch size.")
 
 
+@dataclass
+class ChunkedLossConfig:
+    """Token losses (ce, kd) computed from hidden states a chunk of positions at a time, never holding the
+    (tokens x vocabulary) logits of student or teacher."""
+
+    mode: str = _f("auto", "auto: chunked when the vocabulary has >= min_vocab entries and the models' logits are "
+                   "plain hidden @ lm_head (checked on a probe input; soft-capped logits or LoRA on lm_head fall "
+                   "back to dense); on: chunked or an error; off: dense logits.", ("auto", "on", "off"))
+    chunk_size: int = _f(1024, "Positions projected to the vocabulary at a time.")
+    min_vocab: int = _f(32768, "auto: the smallest vocabulary that is chunked.")
+
+
+@dataclass
+class CacheConfig:
+    """A top-k teacher cache: `kdistill cache` runs the teacher once and stores its k most likely tokens per
+    trained token; `kdistill train` then reads them and loads no teacher model."""
+
+    dir: str | None = _f(None, "Cache folder (train/ and eval/ inside). Set it to train from the cache.")
+    k: int = _f(64, "Token ids kept per position.")
+    temperature: float = _f(1.0, "Capture temperature: stored log-probs are log_softmax(teacher logits / T). A kd "
+                            "objective with missing: bucket must train at this temperature.")
+    logprob_bits: int = _f(12, "Bits per stored log-prob (4..16); ids take ceil(log2 V) bits.")
+    batch_size: int = _f(8, "Examples per teacher forward pass while caching.")
+    kl_sample_tokens: int = _f(4096, "Tokens on which KL(full teacher || reconstructed top-k) is measured.")
+    shard_mb: int = _f(256, "Shard file size.")
+
+
 def _default_objectives() -> dict[str, ObjectiveConfig]:
     return {"ce": ObjectiveConfig(weight=0.5), "kd": ObjectiveConfig(weight=0.5)}
 
@@ -174,6 +204,9 @@ class RunConfig:
     embedding: EmbeddingConfig = _f(help="task: embedding: pooling and text length.", factory=EmbeddingConfig)
     stepbystep: StepByStepConfig = _f(help="Distilling step-by-step data and evaluation.",
                                       factory=StepByStepConfig)
+    chunked_loss: ChunkedLossConfig = _f(help="Memory-efficient ce/kd for large vocabularies.",
+                                         factory=ChunkedLossConfig)
+    cache: CacheConfig = _f(help="Top-k teacher cache (kdistill cache).", factory=CacheConfig)
     training: dict[str, Any] = _f(
         help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",
         factory=_default_training)
@@ -358,8 +391,32 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
             if problem:
                 raise ConfigError(f"{source}: objectives.{key}.{name}: {problem}")
         if OBJECTIVES[obj.type].needs_teacher and not cfg.teacher.name_or_path:
-            raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set teacher.name_or_path "
-                              "or remove the objective")
+            if not (cfg.cache.dir and obj.type == "kd"):
+                raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set "
+                                  "teacher.name_or_path" + (" or cache.dir" if obj.type == "kd" else "") +
+                                  " or remove the objective")
+        if cfg.cache.dir and obj.type == "kd":
+            if obj.view:
+                raise ConfigError(f"{source}: objectives.{key}: a top-k cache covers the main token view only, "
+                                  f"not view {obj.view!r}")
+            if obj.missing == "bucket" and obj.temperature != cfg.cache.temperature:
+                raise ConfigError(
+                    f"{source}: objectives.{key}: missing: bucket needs the loss temperature ({obj.temperature}) "
+                    f"to equal cache.temperature ({cfg.cache.temperature}): the teacher's mass outside the top k is "
+                    "only known at the capture temperature. Capture at the training temperature, or use "
+                    "missing: renormalize")
+    if cfg.cache.dir:
+        if cfg.task != "lm" or cfg.stepbystep.dataset:
+            raise ConfigError(f"{source}: cache.dir: a top-k teacher cache serves token KD of task lm (not "
+                              "embedding or step-by-step runs)")
+        if not 1 <= cfg.cache.k:
+            raise ConfigError(f"{source}: cache.k must be >= 1")
+        if not 4 <= cfg.cache.logprob_bits <= 16:
+            raise ConfigError(f"{source}: cache.logprob_bits must be in 4..16")
+        if cfg.cache.temperature <= 0:
+            raise ConfigError(f"{source}: cache.temperature must be > 0")
+    if cfg.chunked_loss.chunk_size < 1:
+        raise ConfigError(f"{source}: chunked_loss.chunk_size must be >= 1")
     unknown = sorted(set(cfg.training) - _training_argument_names())
     if unknown:
         line = (lines or {}).get(("training", unknown[0]))

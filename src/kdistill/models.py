@@ -92,6 +92,8 @@ def kd_vocab_size(tokenizer, teacher, student) -> int:
     """
     n = len(tokenizer)
     for role, model in (("teacher", teacher), ("student", student)):
+        if model is None:  # no teacher model (a top-k cache)
+            continue
         rows = model.get_output_embeddings().weight.shape[0]
         if rows < n:
             raise VocabularyMismatchError(

@@ -27,14 +27,25 @@ class LMView:
 
     `student_logits`, `teacher_logits` and `targets` are (B, T, ...) tensors in which position i predicts
     `targets[:, i]`; forward passes run on first access. `num_items` is the view's global trained-token count.
+
+    Chunked mode (`chunked` is True: the trainer runs the models with their output layer bypassed, see
+    `kdistill.trainer`): the forward passes return `student_hidden` / `teacher_hidden` (B, T, H) and the output
+    layers `student_head` / `teacher_head`, and token objectives use the chunked losses, which never hold a
+    (tokens x V) tensor; `student_logits` / `teacher_logits` still work but materialise the full logits.
+
+    Cached teacher (`has_topk`): the batch carries the teacher's top-k per trained token (`teacher_topk`, rows in
+    the row-major order of `mask`) instead of a live teacher.
     """
 
-    def __init__(self, inputs: dict[str, Any], num_items, forward: Callable, num_positions: dict | None = None):
+    def __init__(self, inputs: dict[str, Any], num_items, forward: Callable, num_positions: dict | None = None,
+                 chunk_size: int | None = None, topk_temperature: float | None = None):
         self.inputs = inputs
         self.num_items = num_items
         # stack ("encoder" / "decoder") -> global count of the positions hidden-state objectives compare, when
         # the trainer computed it for the optimizer step (None: objectives fall back to local counts)
         self.num_positions = num_positions
+        self.chunk_size = chunk_size
+        self.topk_temperature = topk_temperature
         self._forward = forward
 
     @cached_property
@@ -46,8 +57,60 @@ class LMView:
         return self._forward(self.inputs, need_teacher=True, student=self._student)
 
     @property
+    def chunked(self) -> bool:
+        return self.chunk_size is not None
+
+    @property
+    def student_hidden(self) -> torch.Tensor:
+        """(B, T, H) final hidden states (chunked mode): what the output layer would project."""
+        return self._student["student_hidden"]
+
+    @property
+    def student_head(self):
+        """The student's output layer (chunked mode): `kdistill.trainer.OutputHead(weight, bias)`."""
+        return self._student["student_head"]
+
+    @property
+    def teacher_hidden(self) -> torch.Tensor:
+        return self._teacher["teacher_hidden"]
+
+    @property
+    def teacher_head(self):
+        return self._teacher["teacher_head"]
+
+    @property
+    def has_topk(self) -> bool:
+        return "teacher_topk_indices" in self.inputs
+
+    @property
+    def teacher_topk(self):
+        """The cached teacher: a `TopKTeacher` whose (N, k) rows are the trained positions of this view in the
+        row-major order of `mask`."""
+        from kdistill.losses import TopKTeacher
+
+        if not self.has_topk:
+            raise RuntimeError("this batch carries no cached teacher signal (teacher_topk_indices)")
+        indices, logprobs = self.inputs["teacher_topk_indices"], self.inputs["teacher_topk_logprobs"]
+        rows = int(self.mask.sum())
+        if indices.shape[0] != rows:
+            raise RuntimeError(f"the cached teacher has {indices.shape[0]} rows for a batch with {rows} trained "
+                               "tokens: the cache does not match the data")
+        return TopKTeacher(indices=indices, logprobs=logprobs, capture_temperature=float(self.topk_temperature))
+
+    @property
     def teacher_logits(self) -> torch.Tensor:
+        if self.chunked:
+            return self._project("teacher")
         return self._teacher["teacher_logits"]
+
+    def _project(self, role: str) -> torch.Tensor:
+        """Dense logits from hidden states and the output layer (chunked mode; an objective that needs them)."""
+        key = f"_{role}_logits"
+        if key not in self.__dict__:
+            hidden = self.student_hidden if role == "student" else self.teacher_hidden
+            head = self.student_head if role == "student" else self.teacher_head
+            self.__dict__[key] = F.linear(hidden.to(head.weight.dtype), head.weight, head.bias)
+        return self.__dict__[key]
 
     @property
     def teacher_outputs(self):
@@ -56,6 +119,8 @@ class LMView:
 
     @property
     def student_logits(self) -> torch.Tensor:
+        if self.chunked:
+            return self._project("student")
         return self._student["student_logits"]
 
     @property
@@ -89,8 +154,11 @@ class DistillBatch:
 
     def __init__(self, inputs: dict[str, Any], num_tokens: dict[str, Any], num_examples, *,
                  lm_forward: Callable | None = None, embed: Callable | None = None, kd_vocab: int | None = None,
-                 num_positions: dict[str, dict[str, Any]] | None = None):
+                 num_positions: dict[str, dict[str, Any]] | None = None, chunk_size: int | None = None,
+                 topk_temperature: float | None = None):
         self.inputs = inputs
+        self.chunk_size = chunk_size              # not None: token objectives use the chunked losses
+        self.topk_temperature = topk_temperature  # capture temperature of a cached top-k teacher
         self.num_tokens = num_tokens        # view -> global trained tokens in the optimizer step
         self.num_positions = num_positions or {}  # view -> stack -> global hidden-state positions in the step
         self.num_examples = num_examples    # global examples in the optimizer step (example-level objectives)
@@ -108,7 +176,8 @@ class DistillBatch:
                 raise RuntimeError(f"this batch has no token view {name!r} (no {prefix}labels)")
             keys = {k[len(prefix):]: v for k, v in self.inputs.items() if k.startswith(prefix)} if prefix else \
                 self.inputs
-            self._views[name] = LMView(keys, self.num_tokens[name], self._lm_forward, self.num_positions.get(name))
+            self._views[name] = LMView(keys, self.num_tokens[name], self._lm_forward, self.num_positions.get(name),
+                                       chunk_size=self.chunk_size, topk_temperature=self.topk_temperature)
         return self._views[name]
 
     @property
@@ -200,6 +269,13 @@ class CrossEntropy(Objective):
     def forward(self, batch):
         view = batch.view(self.cfg.view)
         mask = view.mask
+        if view.chunked:  # never an (N, V) tensor: see kdistill.losses.chunked
+            from kdistill.losses import chunked_cross_entropy
+
+            head = view.student_head
+            loss = chunked_cross_entropy(view.student_hidden, head.weight, view.targets, mask=mask,
+                                         chunk_size=view.chunk_size, reduction="sum", student_lm_head_bias=head.bias)
+            return loss / _as_float(view.num_items, loss), {}
         logits = view.student_logits[mask].float()             # (N, V)
         loss = F.cross_entropy(logits, view.targets[mask], reduction="sum")
         return loss / _as_float(view.num_items, loss), {}
@@ -210,6 +286,10 @@ class LogitKD(Objective):
 
     Both logit tensors are cut to the shared vocabulary (`batch.kd_vocab`): a padded embedding matrix (Qwen2.5-7B
     has 152,064 rows, Qwen2.5-0.5B 151,936, the tokenizer 151,665) never enters the loss.
+
+    The teacher is a live model (dense logits, or in chunked mode its hidden states and output layer) or a cached
+    top-k teacher (`kdistill cache`), compared with `kdistill.losses.topk_divergence` and the objective's
+    `missing` rule for the mass outside the stored k ids.
     """
 
     type = "kd"
@@ -222,6 +302,10 @@ class LogitKD(Objective):
 
     def forward(self, batch):
         view = batch.view(self.cfg.view)
+        if view.has_topk:
+            return self._from_topk(batch, view)
+        if view.chunked:
+            return self._chunked(batch, view)
         student, teacher = view.student_logits, view.teacher_logits
         vocab = batch.kd_vocab or min(student.shape[-1], teacher.shape[-1])
         student, teacher = student[..., :vocab], teacher[..., :vocab]
@@ -230,6 +314,43 @@ class LogitKD(Objective):
                                num_items=view.num_items, **self.params)
         with torch.no_grad():
             agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).sum().float()
+        return loss, {"top1_agreement": agree / _as_float(view.num_items, agree)}
+
+    def _chunked(self, batch, view):
+        from kdistill.losses import chunked_distillation_loss
+
+        s_head, t_head = view.student_head, view.teacher_head
+        vocab = batch.kd_vocab or min(s_head.weight.shape[0], t_head.weight.shape[0])
+        counts: dict[str, torch.Tensor] = {}
+        loss = chunked_distillation_loss(
+            view.student_hidden, s_head.weight, view.teacher_hidden, t_head.weight, mask=view.mask,
+            divergence=self.cfg.divergence, temperature=self.cfg.temperature, chunk_size=view.chunk_size,
+            num_items=view.num_items, student_lm_head_bias=s_head.bias, teacher_lm_head_bias=t_head.bias,
+            vocab_size=vocab, metrics=counts, **self.params)
+        agree = counts["top1_agreement"]
+        return loss, {"top1_agreement": agree / _as_float(view.num_items, agree)}
+
+    def _from_topk(self, batch, view):
+        from kdistill.losses import chunked_topk_distillation_loss, topk_divergence
+
+        teacher, mask = view.teacher_topk, view.mask
+        kwargs = dict(divergence=self.cfg.divergence, temperature=self.cfg.temperature, missing=self.cfg.missing,
+                      num_items=view.num_items, **self.params)
+        if view.chunked:
+            head = view.student_head
+            vocab = batch.kd_vocab or head.weight.shape[0]
+            counts: dict[str, torch.Tensor] = {}
+            loss = chunked_topk_distillation_loss(view.student_hidden, head.weight, teacher, mask=mask,
+                                                  chunk_size=view.chunk_size, student_lm_head_bias=head.bias,
+                                                  vocab_size=vocab, metrics=counts, **kwargs)
+            agree = counts["top1_agreement"]
+        else:
+            student = view.student_logits
+            student = student[..., :batch.kd_vocab or student.shape[-1]][mask]           # (N, V)
+            loss = topk_divergence(student, teacher, **kwargs)
+            with torch.no_grad():
+                best = teacher.indices.gather(-1, teacher.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+                agree = (student.argmax(-1) == best).sum().float()
         return loss, {"top1_agreement": agree / _as_float(view.num_items, agree)}
 
 

@@ -28,10 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 class ListDataset(torch.utils.data.Dataset):
-    """Encoded examples held in memory (a list of dicts of token id lists)."""
+    """Encoded examples held in memory (a list of dicts of token id lists); `sources[i]` says where row i came
+    from ("file:line"), when known."""
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], sources: list[str] | None = None):
         self.rows = rows
+        self.sources = sources
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -51,7 +53,8 @@ class DataReport:
     dropped_no_target: int = 0
 
 
-def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
+def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
+    """Validate and encode one data file per the config: (ListDataset, DataReport)."""
     if cfg.stepbystep.dataset:
         return _load_stepbystep_split(cfg, tokenizer, source, limit, encoder_decoder)
     loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
@@ -72,7 +75,7 @@ def _load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encod
                        stats.dropped_no_target, cfg.data.max_length)
     if not rows:
         raise ValueError(f"{source}: no usable examples after validation and truncation")
-    return ListDataset(rows), report
+    return ListDataset(rows, stats.sources or None), report
 
 
 def _uses_triplets(cfg: RunConfig) -> bool:
@@ -220,7 +223,8 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     if cfg.task == "embedding":
         return _prepare_embedding(cfg, callbacks)
     tokenizer = load_tokenizer(cfg.student)
-    has_teacher = bool(cfg.teacher.name_or_path)
+    cached = bool(cfg.cache.dir)  # teacher signals come from a top-k cache: no teacher model is loaded
+    has_teacher = bool(cfg.teacher.name_or_path) and not cached
     encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
     if has_teacher:
         teacher_encdec = is_encoder_decoder(cfg.teacher.name_or_path,
@@ -230,14 +234,23 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
                              f"(teacher encoder-decoder: {teacher_encdec}, student: {encoder_decoder})")
         compare_tokenizers(load_tokenizer(cfg.teacher), tokenizer)
 
-    train_ds, train_report = _load_split(cfg, tokenizer, cfg.data.train, cfg.data.split, cfg.data.limit,
+    train_ds, train_report = load_split(cfg, tokenizer, cfg.data.train, cfg.data.split, cfg.data.limit,
                                          encoder_decoder)
     reports = [train_report]
     eval_ds = None
     if cfg.data.eval:
-        eval_ds, eval_report = _load_split(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split,
+        eval_ds, eval_report = load_split(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split,
                                            cfg.data.eval_limit, encoder_decoder)
         reports.append(eval_report)
+    stores = {}
+    if cached:  # checked against the data and tokenizer before any model is loaded
+        from kdistill.teacher_cache import CachedTeacherDataset, open_cache
+
+        stores["train"] = open_cache(cfg, "train", train_ds, tokenizer, encoder_decoder)
+        train_ds = CachedTeacherDataset(train_ds, stores["train"])
+        if eval_ds is not None:
+            stores["eval"] = open_cache(cfg, "eval", eval_ds, tokenizer, encoder_decoder)
+            eval_ds = CachedTeacherDataset(eval_ds, stores["eval"])
 
     if any((o.type or name) == "attention" for name, o in cfg.objectives.items()):
         for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):
@@ -249,7 +262,7 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     if cfg.student.layers:
         student = shrink(student, cfg.student.layers)
     teacher = load_model(cfg.teacher, role="teacher") if has_teacher else None
-    kd_vocab = kd_vocab_size(tokenizer, teacher, student) if teacher is not None else None
+    kd_vocab = kd_vocab_size(tokenizer, teacher, student) if (teacher is not None or cached) else None
     if cfg.lora.enabled:
         student = apply_lora(student, cfg.lora)
     objectives = build_objectives(cfg.objectives)
@@ -264,8 +277,13 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
         from kdistill.data.embedding import EmbeddingCollator
 
         collator = TextFieldCollator(collator, EmbeddingCollator(pad_token_id=tokenizer.pad_token_id))
+    if cached:
+        from kdistill.teacher_cache import TopKCollator
+
+        collator = TopKCollator(collator)
     trainer = DistillTrainer(model=student, teacher=teacher, objectives=objectives,
-                             kd_vocab=kd_vocab, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             kd_vocab=kd_vocab, chunking=dataclasses.asdict(cfg.chunked_loss),
+                             topk_temperature=cfg.cache.temperature if cached else None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     return Prepared(cfg=cfg, tokenizer=tokenizer, student=student, teacher=teacher, trainer=trainer, data=reports)
 

@@ -8,13 +8,22 @@ checkpoints/resume and `report_to` (wandb, tensorboard) work as users know them.
 * global normalisation: every objective divides by the number of trained tokens in the whole optimizer step
   (all gradient-accumulation micro-batches, all processes), so 2 x B/2 accumulation equals 1 x B and two
   processes equal one process on the same global batch;
-* every term and metric logged separately (`loss/ce`, `loss/kd`, `kd/top1_agreement`, ...).
+* every term and metric logged separately (`loss/ce`, `loss/kd`, `kd/top1_agreement`, ...);
+* chunked token losses for large vocabularies (`chunk_size`): the models run with their output layer bypassed,
+  so their forward returns the final hidden states, and `ce`/`kd` project them to the vocabulary a chunk of
+  positions at a time (`kdistill.losses.chunked`): no (tokens x V) logits for student or teacher, forward or
+  backward. `resolve_chunking` decides, and checks on a probe input that the model's logits really are
+  `hidden @ W.T + b` (soft-capping, logit scales or a LoRA-wrapped lm_head make it fall back to dense logits);
+* a cached teacher (`topk_temperature`): batches carry the teacher's top-k per trained token and no teacher
+  model is loaded.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -24,6 +33,102 @@ from kdistill.objectives import DistillBatch, Objective, view_prefix
 
 
 OBJECTIVE_PARTS = "objective_parts"
+logger = logging.getLogger(__name__)
+
+# objectives that read next-token logits: the only ones the chunked path changes
+LOGIT_OBJECTIVES = ("ce", "kd")
+
+
+@dataclass
+class OutputHead:
+    """A model's output layer as tensors: logits = hidden @ weight.T (+ bias)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+def _base(model):
+    """The transformers model under DDP / peft wrappers."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_layer(model) -> torch.nn.Module:
+    return _base(model).get_output_embeddings()
+
+
+@contextmanager
+def output_layer_bypassed(model) -> Iterator[None]:
+    """Run `model` with its output layer replaced by the identity: `outputs.logits` then holds the final hidden
+    states (after anything the model applies before its lm_head, e.g. T5's d_model**-0.5 rescale of tied
+    embeddings). The forward still goes through `model` itself, so DDP and peft wrappers keep working."""
+    head = output_layer(model)
+    saved = head.__dict__.get("forward")  # accelerate hooks live here: restore, never delete them
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+def align_positions(logits: torch.Tensor, labels: torch.Tensor | None, encoder_decoder: bool):
+    """The one place positions are aligned: for causal LMs logits[:, i] predicts labels[:, i + 1] (the last
+    position predicts nothing, the first label is never a target); encoder-decoder logits predict their labels."""
+    if encoder_decoder:
+        return logits if labels is None else (logits, labels)
+    logits = logits[:, :-1]
+    return logits if labels is None else (logits, labels[:, 1:])
+
+
+def lm_model_inputs(model, inputs: dict[str, Any], encoder_decoder: bool) -> dict[str, Any]:
+    """The forward arguments of an LM batch (T5: decoder inputs are the labels shifted right)."""
+    out = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "decoder_input_ids",
+                                                     "decoder_attention_mask")}
+    if encoder_decoder and "decoder_input_ids" not in out:
+        out["decoder_input_ids"] = _base(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+    out["use_cache"] = False
+    return out
+
+
+def chunking_problem(model, encoder_decoder: bool) -> str | None:
+    """Why the chunked losses cannot stand in for this model's logits, or None when they can.
+
+    The output layer must be a plain `nn.Linear`, and the logits of a probe input must equal
+    `hidden @ W.T + b` of the bypassed forward (this catches soft-capping, logit scales and any other step after
+    the lm_head)."""
+    head = output_layer(model)
+    if type(head) is not torch.nn.Linear:
+        return f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear (e.g. LoRA on lm_head)"
+    device = head.weight.device
+    ids = (torch.arange(1, 9, device=device) % head.weight.shape[0]).reshape(1, -1)
+    inputs = {"input_ids": ids, "use_cache": False}
+    if encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            with output_layer_bypassed(model):
+                hidden = model(**inputs).logits
+    finally:
+        model.train(was_training)
+    if hidden.shape[-1] != head.weight.shape[1]:
+        return "its forward changes the output layer's input or output (not hidden @ W.T + b)"
+    expected = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
+    tolerance = 1e-3 * float(expected.abs().max().clamp(min=1.0))
+    if logits.shape != expected.shape or not torch.allclose(logits.float(), expected, rtol=1e-3, atol=tolerance):
+        return ("its logits are not hidden @ lm_head.weight.T (+ bias): the forward transforms them after the "
+                "output layer (e.g. final_logit_softcapping or a logit_scale)")
+    return None
 
 
 @contextmanager
@@ -44,12 +149,22 @@ class DistillTrainer(Trainer):
 
     def __init__(self, model=None, args=None, *rest, teacher: torch.nn.Module | None = None,
                  objectives: dict[str, tuple[Objective, float]] | None = None,
-                 kd_vocab: int | None = None, **kwargs):
+                 kd_vocab: int | None = None, chunking: dict | None = None,
+                 topk_temperature: float | None = None, **kwargs):
+        """chunking: {"mode": "auto" | "on" | "off", "chunk_size": int, "min_vocab": int} (see `resolve_chunking`;
+        default off). topk_temperature: the batches carry a cached top-k teacher captured at this temperature
+        (`kdistill cache`) instead of a live teacher; only `kd` can use it."""
         if not objectives:
             raise ValueError("DistillTrainer needs at least one objective")
-        # LM objectives read a live teacher; embedding objectives read teacher embeddings computed beforehand.
+        # LM objectives read a live teacher (or kd: a cached one); embedding objectives read teacher embeddings
+        # computed beforehand.
         live = [n for n, (o, _) in objectives.items() if o.needs_teacher and o.task == "lm"]
-        if live and teacher is None:
+        if topk_temperature is not None:
+            needs_model = [n for n in live if objectives[n][0].type != "kd"]
+            if needs_model and teacher is None:
+                raise ValueError(f"objective(s) {', '.join(needs_model)} need a live teacher model; a top-k cache "
+                                 "only serves kd")
+        elif live and teacher is None:
             raise ValueError(f"objective(s) {', '.join(live)} need a teacher, but none was given")
         self._attach_objective_parts(model, objectives)
         super().__init__(model, args, *rest, **kwargs)
@@ -58,9 +173,12 @@ class DistillTrainer(Trainer):
         self.output_hidden_states = any(getattr(o, "needs_hidden_states", False) for o, _ in objectives.values())
         self.output_attentions = any(getattr(o, "needs_attentions", False) for o, _ in objectives.values())
         self.kd_vocab = kd_vocab
+        self.topk_temperature = topk_temperature
         self.teacher = self._prepare_teacher(teacher) if teacher is not None else None
         config = self.accelerator.unwrap_model(self.model).config
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        self.chunk_size = self.resolve_chunking(chunking or {"mode": "off"})
+        self._teacher_head: OutputHead | None = None
         self._terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0]),
                                                            "eval": defaultdict(lambda: [0.0, 0])}
         self._window_start: int | None = None  # global step when the current logging window opened
@@ -92,6 +210,53 @@ class DistillTrainer(Trainer):
         if getattr(teacher, "hf_device_map", None) is None:
             teacher.to(self.args.device)
         return teacher
+
+    # ----------------------------------------------------------------------------------------- chunked losses
+    def resolve_chunking(self, chunking: dict) -> int | None:
+        """The chunk size the token objectives use, or None for dense logits.
+
+        mode "off": dense. "on": chunked, or an error saying why it cannot be. "auto": chunked when an objective
+        reads logits (ce, kd), the vocabulary has at least `min_vocab` entries, weights are not sharded
+        (FSDP / DeepSpeed) and `chunking_problem` finds nothing for the student (and a live teacher); otherwise
+        dense, with the reason logged."""
+        mode = chunking.get("mode", "auto")
+        if mode == "off":
+            return None
+        reason = None
+        student = self.accelerator.unwrap_model(self.model)
+        types = {o.type for o, _ in self.objectives.values()}
+        live_teacher = "kd" in types and self.topk_temperature is None
+        if not types & set(LOGIT_OBJECTIVES):
+            reason = "no objective reads logits"
+        elif self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            reason = "weights are sharded (FSDP / DeepSpeed): the output layer is not available whole"
+        elif mode == "auto" and (self.kd_vocab or output_layer(student).weight.shape[0]) < chunking["min_vocab"]:
+            reason = f"the vocabulary is smaller than chunked_loss.min_vocab={chunking['min_vocab']}"
+        else:
+            for role, model in (("student", student), ("teacher", self.teacher if live_teacher else None)):
+                problem = None if model is None else chunking_problem(model, self.is_encoder_decoder)
+                if problem:
+                    reason = f"the {role}: {problem}"
+                    break
+        if reason is None:
+            logger.info("token losses are chunked: %d positions at a time, no (tokens x V) logits",
+                        chunking["chunk_size"])
+            return int(chunking["chunk_size"])
+        if mode == "on":
+            raise ValueError(f"chunked_loss.mode is 'on' but the chunked losses cannot be used: {reason}")
+        logger.info("dense logits for the token losses (chunked_loss.mode=auto): %s", reason)
+        return None
+
+    def _head(self, model, role: str) -> OutputHead:
+        if role == "student":
+            layer = output_layer(model)
+            return OutputHead(layer.weight, layer.bias)
+        if self._teacher_head is None:  # frozen: copied once to the student's device if it lives elsewhere
+            layer = output_layer(self.teacher)
+            device = output_layer(model).weight.device
+            bias = None if layer.bias is None else layer.bias.detach().to(device)
+            self._teacher_head = OutputHead(layer.weight.detach().to(device), bias)
+        return self._teacher_head
 
     # ------------------------------------------------------------------------------------ normalisation counts
     def _count_targets(self, labels: torch.Tensor) -> torch.Tensor:
@@ -163,13 +328,7 @@ class DistillTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------- forward pass
     def _model_inputs(self, model, inputs: dict[str, Any]) -> dict[str, Any]:
-        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "decoder_input_ids",
-                                                                  "decoder_attention_mask")}
-        if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
-            base = self.accelerator.unwrap_model(model)
-            base = base.get_base_model() if hasattr(base, "get_base_model") else base
-            model_inputs["decoder_input_ids"] = base.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
-        model_inputs["use_cache"] = False
+        model_inputs = lm_model_inputs(model, inputs, self.is_encoder_decoder)
         if getattr(self, "output_hidden_states", False):
             model_inputs["output_hidden_states"] = True
         if getattr(self, "output_attentions", False):
@@ -177,26 +336,34 @@ class DistillTrainer(Trainer):
         return model_inputs
 
     def _align(self, logits: torch.Tensor, labels: torch.Tensor | None = None):
-        """The one place positions are aligned: for causal LMs logits[:, i] predicts labels[:, i + 1]."""
-        if self.is_encoder_decoder:
-            return logits if labels is None else (logits, labels)
-        logits = logits[:, :-1]
-        return logits if labels is None else (logits, labels[:, 1:])
+        return align_positions(logits, labels, self.is_encoder_decoder)
 
     def _lm_forward(self, model, inputs, need_teacher: bool, student: dict | None = None) -> dict[str, Any]:
-        """Student forward (need_teacher=False) or teacher forward on the same inputs (need_teacher=True)."""
+        """Student forward (need_teacher=False) or teacher forward on the same inputs (need_teacher=True).
+
+        Dense: {student,teacher}_logits (B, T, V). Chunked (`self.chunk_size`): the output layers are bypassed and
+        {student,teacher}_hidden (B, T, H) come with {student,teacher}_head; `outputs.logits` then holds hidden
+        states."""
         model_inputs = self._model_inputs(model, inputs)
+        chunked = self.chunk_size is not None
         if not need_teacher:
-            out = model(**model_inputs)
-            logits, targets = self._align(out.logits, inputs["labels"])
-            return {"student_outputs": out, "student_logits": logits, "targets": targets}
+            with output_layer_bypassed(model) if chunked else nullcontext():
+                out = model(**model_inputs)
+            aligned, targets = self._align(out.logits, inputs["labels"])
+            if chunked:
+                return {"student_outputs": out, "student_hidden": aligned, "targets": targets,
+                        "student_head": self._head(model, "student")}
+            return {"student_outputs": out, "student_logits": aligned, "targets": targets}
         if self.teacher is None:
-            raise RuntimeError("an objective asked for teacher logits, but the run has no teacher")
+            raise RuntimeError("an objective asked for a live teacher, but the run has no teacher model")
         device = next(self.teacher.parameters()).device
-        with torch.no_grad():
+        target_device = student["targets"].device
+        with torch.no_grad(), output_layer_bypassed(self.teacher) if chunked else nullcontext():
             out = self.teacher(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()})
-        return {"teacher_outputs": out,
-                "teacher_logits": self._align(out.logits).to(student["student_logits"].device)}
+        aligned = self._align(out.logits).to(target_device)
+        if chunked:
+            return {"teacher_outputs": out, "teacher_hidden": aligned, "teacher_head": self._head(model, "teacher")}
+        return {"teacher_outputs": out, "teacher_logits": aligned}
 
     def _batch(self, model, inputs, num_items_in_batch) -> DistillBatch:
         if num_items_in_batch is None:  # evaluation: normalise by this batch's own counts
@@ -204,7 +371,8 @@ class DistillTrainer(Trainer):
             num_items_in_batch = {"tokens": tokens, "examples": examples, "positions": self._position_counts(inputs)}
         return DistillBatch(
             inputs, num_items_in_batch["tokens"], num_items_in_batch["examples"], kd_vocab=self.kd_vocab,
-            num_positions=num_items_in_batch.get("positions"),
+            num_positions=num_items_in_batch.get("positions"), chunk_size=self.chunk_size,
+            topk_temperature=self.topk_temperature,
             lm_forward=lambda inp, need_teacher, student=None: self._lm_forward(model, inp, need_teacher, student),
             embed=lambda field: self._embed(model, inputs, field))
 

@@ -51,7 +51,7 @@ are the last trainable segment, both tokenised with the tokenizer's special toke
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .records import Example
 
@@ -222,6 +222,7 @@ class EncodeStats:
     total: int = 0
     truncated: int = 0
     dropped_no_target: int = 0
+    sources: list[str] = field(default_factory=list, compare=False)  # where each kept feature came from
 
     @property
     def kept(self) -> int:
@@ -310,4 +311,5 @@ def encode_examples(examples: Iterable[Example], tokenizer, *, template: str = "
             stats.dropped_no_target += 1
         else:
             features.append(encoded)
+            stats.sources.append(example.source)
     return features, stats

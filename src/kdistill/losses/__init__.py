@@ -49,9 +49,13 @@ from kdistill.losses.hidden import (  # noqa: E402
 
 __all__ += ["HIDDEN_LOSSES", "attention_kl", "hidden_cosine", "hidden_mse", "layer_output_index", "resolve_layer_map"]
 
-from kdistill.losses.chunked import chunked_distillation_loss  # noqa: E402
+from kdistill.losses.chunked import (  # noqa: E402
+    chunked_cross_entropy,
+    chunked_distillation_loss,
+    chunked_topk_distillation_loss,
+)
 
-__all__ += ["chunked_distillation_loss"]
+__all__ += ["chunked_cross_entropy", "chunked_distillation_loss", "chunked_topk_distillation_loss"]
 
 from kdistill.losses.topk import TopKTeacher, topk_divergence, topk_from_logits  # noqa: E402
 

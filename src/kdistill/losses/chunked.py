@@ -1,16 +1,26 @@
-"""Memory-efficient KD loss computed from hidden states and lm_head weights, in chunks of positions.
+"""Memory-efficient losses computed from hidden states and lm_head weights, in chunks of positions.
 
-The dense path, ``DIVERGENCES[name](h_s @ W_s.T, h_t @ W_t.T, mask, ...)``, materialises two (N, V) logit
+The dense path, e.g. ``DIVERGENCES[name](h_s @ W_s.T, h_t @ W_t.T, mask, ...)``, materialises (N, V) logit
 tensors and autograd keeps several more (N, V) intermediates alive until backward. For V ~ 150k that is
-gigabytes per thousand tokens. ``chunked_distillation_loss`` returns the same value and the same gradients but
-never holds more than a (chunk_size, V) block of logits at a time:
+gigabytes per thousand tokens. The three entry points below return the same value and the same student gradients
+as their dense counterparts but never hold more than a (chunk_size, V) block of logits at a time:
+
+* :func:`chunked_distillation_loss`: KD divergence against a *dense* teacher given by its hidden states and
+  lm_head (``DIVERGENCES[divergence]`` on both projected logits);
+* :func:`chunked_topk_distillation_loss`: KD divergence against a *sparse* top-k teacher
+  (:class:`kdistill.losses.topk.TopKTeacher`, ``topk_divergence`` on the student's projected logits);
+* :func:`chunked_cross_entropy`: next-token cross-entropy against integer targets (``F.cross_entropy``).
+
+All three share one engine (``_ChunkedLoss``):
 
 * the counted positions (``mask``) are selected first and flattened to (N, H);
-* the N rows are processed ``chunk_size`` at a time: both lm_heads project the chunk to logits, the chunk's
-  divergence sum is computed by the *same* dense divergence function of :mod:`kdistill.losses.divergences`
-  (called with ``mask=None, reduction="sum"``, so temperature, the T^2 factor and the per-row formulas are
-  shared, not re-derived), and the gradient with respect to the chunk's logits is taken right away with
-  ``torch.autograd.grad``;
+* the N rows are processed ``chunk_size`` at a time: the student lm_head projects the chunk to logits and a
+  per-chunk callable ``chunk_loss(start, stop, logits_s_chunk)`` returns the chunk's *summed* loss. That callable
+  applies the *same* dense function as the reference (the divergence of :mod:`kdistill.losses.divergences`,
+  ``topk_divergence`` or ``F.cross_entropy``, each with ``reduction="sum"`` and no mask), so temperature, the T^2
+  factor and the per-row formulas are shared, not re-derived. Teacher data / targets are captured in the
+  closure, detached and already restricted to the counted rows. The gradient with respect to the chunk's logits
+  is taken right away with ``torch.autograd.grad``;
 * that (chunk, V) logit gradient is folded immediately into grad_hidden[chunk] = g @ W_s and
   grad_W_s += g.T @ h_chunk (grad_b_s += g.sum(0)), then dropped;
 * a custom ``torch.autograd.Function`` stores only grad_hidden (N, H), grad_weight (V, H) and grad_bias (V,);
@@ -19,29 +29,45 @@ never holds more than a (chunk_size, V) block of logits at a time:
   them.
 
 Conventions and limits
-    * Teacher inputs (hidden states, weight, bias) are detached: they never receive a gradient.
-    * Computation and accumulation are in float32 whatever the input dtype (float64 inputs stay float64); the
-      loss is returned in that dtype and the gradients are cast back to each input's dtype. A low-precision
-      student weight is upcast once, i.e. one (V, H) float32 copy is made.
+    * Teacher inputs (hidden states, weight, bias, top-k data) are detached: they never receive a gradient.
+    * Computation and accumulation are in float32 whatever the input dtype (float64 student hidden states stay
+      float64); the loss is returned in that dtype and the gradients are cast back to each input's dtype. A
+      low-precision student weight is upcast once, i.e. one (V, H) float32 copy is made. Teacher data (logits,
+      top-k log-probabilities) are cast to the same compute dtype.
     * ``reduction`` is "mean" (default; divided by the number of counted positions, or by ``num_items`` when
       given) or "sum". "none" is not supported (raises ``NotImplementedError``): use the dense path for
       per-position values.
-    * ``vocab_size``: only the first ``vocab_size`` rows of both lm_heads (and biases) are compared, for padded
-      vocabularies. Default: the common size when V_s == V_t; when they differ, ``vocab_size`` must be given
-      (``ValueError`` otherwise; it must then be <= min(V_s, V_t)). Student weight rows past ``vocab_size`` get
-      a zero gradient.
-    * Logit soft-capping / scaling (e.g. Gemma's ``final_logit_softcapping``) is not supported: passing
-      ``logit_softcap`` raises ``NotImplementedError``; callers must not use this function for models whose
-      logits are not exactly ``hidden @ W.T + b``.
+    * ``vocab_size``: only the first ``vocab_size`` rows of the lm_heads (and biases) are used, for padded
+      vocabularies; student weight rows past ``vocab_size`` get a zero gradient. Token ids (top-k ids, targets)
+      must be < ``vocab_size``.
+    * ``metrics``: optional dict. When given, the function stores (overwriting) a 0-dim float tensor COUNT
+      (not a fraction; normalise by your global count of counted rows): ``metrics["top1_agreement"]`` for the two
+      distillation losses (number of counted rows where the student's argmax over the first ``vocab_size``
+      logits equals the teacher's argmax; for a top-k teacher, the id with the largest stored log-probability),
+      ``metrics["accuracy"]`` for the cross-entropy (number of counted rows where the argmax equals the target).
+      They are computed without grad inside the chunk loop, from the same logits (no extra projection pass).
+    * Logit soft-capping / scaling (e.g. Gemma's ``final_logit_softcapping``) is not supported: callers must not
+      use these functions for models whose logits are not exactly ``hidden @ W.T + b``
+      (``chunked_distillation_loss`` raises ``NotImplementedError`` when ``logit_softcap`` is passed).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 from kdistill.losses.divergences import DIVERGENCE_PARAMS, DIVERGENCES, _check_temperature
+from kdistill.losses.topk import TopKTeacher, topk_divergence
 
-__all__ = ["chunked_distillation_loss"]
+__all__ = ["chunked_distillation_loss", "chunked_topk_distillation_loss", "chunked_cross_entropy"]
+
+ChunkLoss = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, stop, logits_s chunk) -> summed loss
+
+
+def _compute_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(h.dtype, torch.float32)
 
 
 def _check_inputs(student_hidden, student_w, teacher_hidden, teacher_w, mask, student_b, teacher_b, vocab_size):
@@ -74,19 +100,69 @@ def _check_inputs(student_hidden, student_w, teacher_hidden, teacher_w, mask, st
     return int(vocab_size)
 
 
-class _ChunkedKD(torch.autograd.Function):
-    """Loss forward that also computes the student gradients chunk by chunk; backward only rescales them."""
+def _check_student(student_hidden, student_w, student_b, mask, vocab_size):
+    """Shape checks for the student-only entry points; returns vocab_size (default: W.shape[0])."""
+    if student_w.dim() != 2:
+        raise ValueError("lm_head weight must be 2-D (V, H)")
+    v_s, h_s = student_w.shape
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != h_s:
+        raise ValueError(f"student hidden size {student_hidden.shape[-1] if student_hidden.dim() else None} does "
+                         f"not match the student lm_head weight {tuple(student_w.shape)}")
+    if mask is not None and mask.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the hidden states' leading shape "
+                         f"{tuple(student_hidden.shape[:-1])}")
+    if student_b is not None and student_b.shape != (v_s,):
+        raise ValueError(f"student lm_head bias must have shape ({v_s},), got {tuple(student_b.shape)}")
+    if vocab_size is None:
+        vocab_size = v_s
+    if not 0 < vocab_size <= v_s:
+        raise ValueError(f"vocab_size must be in [1, V_s = {v_s}], got {vocab_size}")
+    return int(vocab_size)
+
+
+def _check_common(reduction, chunk_size, name):
+    if reduction == "none":
+        raise NotImplementedError(f"reduction='none' is not supported by {name}; use 'mean' or 'sum', or the "
+                                  f"dense function for per-position values")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
+def _denominator(reduction, num_items, n):
+    if reduction == "sum":
+        return 1.0
+    if num_items is None:
+        return float(max(n, 1))
+    if torch.is_tensor(num_items):
+        return float(num_items.detach().clamp(min=1).item())
+    return max(float(num_items), 1.0)
+
+
+def _need_grads(h_s, w_s, b_s):
+    grad_on = torch.is_grad_enabled()
+    return (
+        grad_on and h_s.requires_grad,
+        grad_on and w_s.requires_grad,
+        grad_on and b_s is not None and b_s.requires_grad,
+    )
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Loss forward that also computes the student gradients chunk by chunk; backward only rescales them.
+
+    ``chunk_loss(start, stop, logits_s)`` returns the summed loss of rows [start, stop) given the student's
+    (stop - start, vocab_size) logits in the compute dtype; it is called exactly once per chunk, in order.
+    """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, vocab_size, fn, temperature, chunk_size, denom, need_grads,
-                kwargs):
-        # h_s (N, H_s), h_t (N, H_t): counted rows only. w_*: full (V_*, H_*) weights; b_*: (V_*,) or None.
-        dtype = torch.promote_types(h_s.dtype, torch.float32)
+    def forward(ctx, h_s, w_s, b_s, vocab_size, chunk_loss, chunk_size, denom, need_grads):
+        # h_s (N, H): counted rows only. w_s: full (V, H) weight; b_s: (V,) or None.
+        dtype = _compute_dtype(h_s)
         n = h_s.shape[0]
         ws = w_s[:vocab_size].to(dtype)
-        wt = w_t[:vocab_size].to(dtype)
         bs = None if b_s is None else b_s[:vocab_size].to(dtype)
-        bt = None if b_t is None else b_t[:vocab_size].to(dtype)
         grad_h_on, grad_w_on, grad_b_on = need_grads
         any_grad = grad_h_on or grad_w_on or grad_b_on
         grad_h = torch.zeros(n, h_s.shape[1], dtype=dtype, device=h_s.device) if grad_h_on else None
@@ -100,18 +176,16 @@ class _ChunkedKD(torch.autograd.Function):
             logits_s = hs @ ws.T
             if bs is not None:
                 logits_s = logits_s + bs
-            logits_t = h_t[start:stop].to(dtype) @ wt.T
-            if bt is not None:
-                logits_t = logits_t + bt
             if not any_grad:
-                total += fn(logits_s, logits_t, None, temperature, "sum", None, **kwargs)
+                total += chunk_loss(start, stop, logits_s).detach()
                 continue
             with torch.enable_grad():
                 logits_s.requires_grad_(True)
-                loss = fn(logits_s, logits_t, None, temperature, "sum", None, **kwargs)
+                loss = chunk_loss(start, stop, logits_s)
                 (g,) = torch.autograd.grad(loss, logits_s)
             total += loss.detach()
-            del logits_s, logits_t, loss
+            del logits_s, loss
+            g = g.to(dtype)
             g.mul_(scale)  # fold the mean's 1/denominator in here: no extra (V, H) pass later
             if grad_h_on:
                 torch.matmul(g, ws, out=grad_h[start:stop])
@@ -132,7 +206,9 @@ class _ChunkedKD(torch.autograd.Function):
         h_dtype, w_shape, w_dtype, b_dtype, vocab_size = ctx.shapes
         saved = iter(ctx.saved_tensors)
         grad_h, grad_w, grad_b = (next(saved) if has else None for has in ctx.has)
-        go = grad_output.to(grad_h.dtype if grad_h is not None else torch.float32)
+        go = grad_output.to(grad_h.dtype if grad_h is not None else
+                            grad_w.dtype if grad_w is not None else
+                            grad_b.dtype if grad_b is not None else torch.float32)
         out_h = out_w = out_b = None
         if grad_h is not None and ctx.needs_input_grad[0]:
             out_h = (grad_h * go).to(h_dtype)
@@ -145,13 +221,25 @@ class _ChunkedKD(torch.autograd.Function):
         if grad_b is not None and ctx.needs_input_grad[2]:
             out_b = torch.zeros(w_shape[0], dtype=b_dtype, device=grad_b.device)
             out_b[:vocab_size] = grad_b * go
-        return out_h, out_w, out_b, None, None, None, None, None, None, None, None, None, None
+        return out_h, out_w, out_b, None, None, None, None, None
+
+
+def _run(h_s, w_s, b_s, vocab_size, chunk_loss, chunk_size, reduction, num_items):
+    denom = _denominator(reduction, num_items, h_s.shape[0])
+    need = _need_grads(h_s, w_s, b_s)
+    return _ChunkedLoss.apply(h_s, w_s, b_s, vocab_size, chunk_loss, int(chunk_size), denom, need)
+
+
+def _select_rows(x, flat_mask):
+    """(..., H) -> (N, H): flatten the leading dims, keep the rows where flat_mask is True (all when None)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if flat_mask is None else x[flat_mask]
 
 
 def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight,
                               mask=None, divergence="forward_kl", temperature=1.0, chunk_size=1024,
                               reduction="mean", num_items=None, student_lm_head_bias=None,
-                              teacher_lm_head_bias=None, vocab_size=None, logit_softcap=None,
+                              teacher_lm_head_bias=None, vocab_size=None, logit_softcap=None, metrics=None,
                               **divergence_kwargs):
     """KD divergence between the lm_head distributions of student and teacher, without (N, V) tensors.
 
@@ -163,9 +251,11 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
     student_hidden (..., H_s), teacher_hidden (..., H_t) with the same leading shape; weights (V_s, H_s) and
     (V_t, H_t) as ``model.get_output_embeddings().weight``; mask: bool of the leading shape (True counts);
     ``divergence``: a key of ``DIVERGENCES`` (extra keyword arguments as in ``DIVERGENCE_PARAMS``, e.g.
-    ``beta`` for jsd, ``alpha`` for the skew KLs). Peak extra memory is O(chunk_size * V) plus
+    ``beta`` for jsd, ``alpha`` for the skew KLs). ``vocab_size``: default the common size when V_s == V_t; when
+    they differ it must be given (``ValueError`` otherwise) and be <= min(V_s, V_t). ``metrics``: optional dict,
+    receives ``"top1_agreement"`` (a count, see the module docstring). Peak extra memory is O(chunk_size * V) plus
     (N, H) + (V, H) stored gradients. Teacher inputs are detached. See the module docstring for dtype,
-    reduction ("none" unsupported), vocab_size and soft-capping rules.
+    reduction ("none" unsupported) and soft-capping rules.
     """
     if logit_softcap is not None:
         raise NotImplementedError("logit soft-capping is not supported by chunked_distillation_loss; use the "
@@ -176,44 +266,165 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
     if unknown:
         raise TypeError(f"{divergence} takes no argument(s) {sorted(unknown)}; "
                         f"accepted: {DIVERGENCE_PARAMS[divergence]}")
-    if reduction == "none":
-        raise NotImplementedError("reduction='none' is not supported by chunked_distillation_loss; use "
-                                  "'mean' or 'sum', or the dense divergence for per-position values")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_common(reduction, chunk_size, "chunked_distillation_loss")
     _check_temperature(temperature)
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     # Validate the divergence's own parameters even when no position is counted.
     DIVERGENCES[divergence](torch.zeros(1, 1), torch.zeros(1, 1), None, temperature, "sum", None,
                             **divergence_kwargs)
     vocab_size = _check_inputs(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight,
                                mask, student_lm_head_bias, teacher_lm_head_bias, vocab_size)
 
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    if mask is not None:
-        flat = mask.reshape(-1).to(torch.bool)
-        h_s = h_s[flat]
-        h_t = h_t[flat]
+    flat = None if mask is None else mask.reshape(-1).to(device=student_hidden.device, dtype=torch.bool)
+    h_s = _select_rows(student_hidden, flat)
+    h_t = _select_rows(teacher_hidden.detach(), None if flat is None else flat.to(teacher_hidden.device))
+    dtype = _compute_dtype(h_s)
+    wt = teacher_lm_head_weight.detach()[:vocab_size].to(dtype)
+    bt = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()[:vocab_size].to(dtype)
+    fn = DIVERGENCES[divergence]
+    temperature = float(temperature)
+    agree = torch.zeros((), dtype=dtype, device=h_s.device)
+
+    def chunk_loss(start, stop, logits_s):
+        logits_t = h_t[start:stop].to(dtype) @ wt.T
+        if bt is not None:
+            logits_t = logits_t + bt
+        if metrics is not None:
+            with torch.no_grad():
+                agree.add_((logits_s.detach().argmax(-1) == logits_t.argmax(-1)).sum().to(dtype))
+        return fn(logits_s, logits_t, None, temperature, "sum", None, **divergence_kwargs)
+
+    loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
+                num_items)
+    if metrics is not None:
+        metrics["top1_agreement"] = agree
+    return loss
+
+
+def chunked_topk_distillation_loss(student_hidden, student_lm_head_weight, teacher: TopKTeacher, mask=None,
+                                   divergence="forward_kl", temperature=1.0, missing="bucket", chunk_size=1024,
+                                   reduction="mean", num_items=None, student_lm_head_bias=None, vocab_size=None,
+                                   metrics=None, **divergence_kwargs):
+    """KD divergence against a sparse top-k teacher, from the student's hidden states, without (N, V) tensors.
+
+    Equal (value and student gradients for hidden, weight and bias) to::
+
+        topk_divergence(student_hidden @ W[:V].T (+ b[:V]), teacher, divergence, mask, temperature, missing,
+                        reduction, num_items, **divergence_kwargs)
+
+    ``topk_divergence`` itself is applied to each chunk (``reduction="sum"``, no mask), so the ``missing`` modes
+    ("bucket" / "renormalize") and the re-tempering rule are exactly those of :mod:`kdistill.losses.topk`.
+
+    Teacher layout — two forms are accepted:
+        * full: ``teacher.indices`` / ``teacher.logprobs`` of shape (*leading, k) where ``leading`` is
+          ``student_hidden.shape[:-1]``; ``mask`` (if any) selects the counted rows from both;
+        * pre-selected: shape (N, k) where N is the number of counted rows (``mask.sum()``, or the number of
+          positions when ``mask`` is None), holding the counted rows in the row-major order of ``mask``. This
+          form is used when ``teacher.indices.shape[:-1] != leading`` (when the two coincide, e.g. an all-True
+          mask over 1-D positions, both readings are the same).
+    ``vocab_size`` defaults to ``W.shape[0]``; the teacher ids (of counted rows) must lie in [0, vocab_size) and
+    k <= vocab_size. ``metrics``: optional dict, receives ``"top1_agreement"``: the number of counted rows where
+    the student's argmax equals the teacher id with the largest stored log-probability. The teacher is detached
+    and its log-probabilities are cast to the compute dtype (float32, or float64 for float64 hidden states).
+    """
+    _check_common(reduction, chunk_size, "chunked_topk_distillation_loss")
+    capture = float(teacher.capture_temperature)
+    # Validate divergence name / parameters, missing mode, temperatures (incl. bucket re-tempering) up front,
+    # with topk_divergence's own messages, even when no row is counted.
+    topk_divergence(torch.zeros(1, 1), TopKTeacher(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1), capture),
+                    divergence, None, temperature, missing, "sum", None, **divergence_kwargs)
+    vocab_size = _check_student(student_hidden, student_lm_head_weight, student_lm_head_bias, mask, vocab_size)
+
+    indices, logprobs = teacher.indices, teacher.logprobs
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"teacher indices {tuple(indices.shape)} and logprobs {tuple(logprobs.shape)} differ")
+    if indices.dim() < 1:
+        raise ValueError("teacher indices must have a trailing k dimension")
+    k = indices.shape[-1]
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"teacher k must be in [1, {vocab_size}] (vocab_size), got {k}")
+    leading = student_hidden.shape[:-1]
+    flat = None if mask is None else mask.reshape(-1).to(device=student_hidden.device, dtype=torch.bool)
+    h_s = _select_rows(student_hidden, flat)
     n = h_s.shape[0]
+    device = h_s.device
+    idx = indices.detach().reshape(-1, k).to(device=device, dtype=torch.long)
+    lp = logprobs.detach().reshape(-1, k).to(device)
+    if indices.shape[:-1] == leading:
+        if flat is not None:
+            idx, lp = idx[flat], lp[flat]
+    elif indices.dim() != 2 or indices.shape[0] != n:
+        raise ValueError(f"teacher leading shape {tuple(indices.shape[:-1])} must equal the student hidden states' "
+                         f"{tuple(leading)} or be ({n},): the counted rows already selected by the mask")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        raise ValueError(f"teacher indices must lie in [0, {vocab_size}) (vocab_size)")
 
-    if reduction == "sum":
-        denom = 1.0
-    elif num_items is None:
-        denom = float(max(n, 1))
-    elif torch.is_tensor(num_items):
-        denom = float(num_items.detach().clamp(min=1).item())
-    else:
-        denom = max(float(num_items), 1.0)
+    dtype = _compute_dtype(h_s)
+    lp = lp.to(dtype)
+    temperature = float(temperature)
+    agree = torch.zeros((), dtype=dtype, device=device)
+    teacher_top1 = idx.gather(-1, lp.argmax(-1, keepdim=True)).squeeze(-1) if metrics is not None else None
 
-    grad_on = torch.is_grad_enabled()
-    need_grads = (
-        grad_on and h_s.requires_grad,
-        grad_on and student_lm_head_weight.requires_grad,
-        grad_on and student_lm_head_bias is not None and student_lm_head_bias.requires_grad,
-    )
-    t_b = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()
-    return _ChunkedKD.apply(h_s, student_lm_head_weight, student_lm_head_bias, h_t,
-                            teacher_lm_head_weight.detach(), t_b, vocab_size, DIVERGENCES[divergence],
-                            float(temperature), int(chunk_size), denom, need_grads, divergence_kwargs)
+    def chunk_loss(start, stop, logits_s):
+        if metrics is not None:
+            with torch.no_grad():
+                agree.add_((logits_s.detach().argmax(-1) == teacher_top1[start:stop]).sum().to(dtype))
+        chunk_teacher = TopKTeacher(idx[start:stop], lp[start:stop], capture)
+        return topk_divergence(logits_s, chunk_teacher, divergence, None, temperature, missing, "sum", None,
+                               **divergence_kwargs)
+
+    loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
+                num_items)
+    if metrics is not None:
+        metrics["top1_agreement"] = agree
+    return loss
+
+
+def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=None, chunk_size=1024,
+                          reduction="mean", num_items=None, student_lm_head_bias=None, vocab_size=None,
+                          ignore_index=-100, metrics=None):
+    """Cross-entropy of the student's lm_head distribution against integer targets, without (N, V) tensors.
+
+    Equal (value and gradients for hidden, weight and bias) to::
+
+        logits = student_hidden @ W[:V].T (+ b[:V])
+        F.cross_entropy(logits[counted], targets[counted], reduction="sum") / denom
+
+    where counted = ``mask & (targets != ignore_index)`` (``mask`` defaults to all True), and denom is the number
+    of counted rows, or ``num_items`` when given ("sum": no division). ``targets``: integer tensor of the hidden
+    states' leading shape; counted targets must lie in [0, vocab_size) (``ValueError`` otherwise).
+    ``vocab_size`` defaults to ``W.shape[0]``. ``metrics``: optional dict, receives ``"accuracy"``: the number of
+    counted rows whose argmax equals the target (a count, see the module docstring).
+    """
+    _check_common(reduction, chunk_size, "chunked_cross_entropy")
+    vocab_size = _check_student(student_hidden, student_lm_head_weight, student_lm_head_bias, mask, vocab_size)
+    leading = student_hidden.shape[:-1]
+    if targets.shape != leading:
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal the hidden states' leading shape "
+                         f"{tuple(leading)}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    device = student_hidden.device
+    tgt = targets.detach().reshape(-1).to(device=device, dtype=torch.long)
+    counted = tgt != ignore_index
+    if mask is not None:
+        counted = counted & mask.reshape(-1).to(device=device, dtype=torch.bool)
+    h_s = _select_rows(student_hidden, counted)
+    tgt = tgt[counted]
+    if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab_size):
+        raise ValueError(f"targets of counted positions must lie in [0, {vocab_size}) (vocab_size)")
+
+    dtype = _compute_dtype(h_s)
+    correct = torch.zeros((), dtype=dtype, device=device)
+
+    def chunk_loss(start, stop, logits_s):
+        t = tgt[start:stop]
+        if metrics is not None:
+            with torch.no_grad():
+                correct.add_((logits_s.detach().argmax(-1) == t).sum().to(dtype))
+        return F.cross_entropy(logits_s, t, reduction="sum")
+
+    loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
+                num_items)
+    if metrics is not None:
+        metrics["accuracy"] = correct
+    return loss
