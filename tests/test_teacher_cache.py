@@ -265,3 +265,23 @@ def test_chunked_with_lora_student(tiny_causal, alpaca_small, tmp_path):
     assert grads_d and all("lora" in n for n in grads_d)
     for name in grads_d:
         torch.testing.assert_close(grads_c[name], grads_d[name], rtol=1e-4, atol=1e-6)
+
+
+def test_eval_split_is_cached_and_evaluated_from_the_cache(tiny_causal, alpaca_small, tmp_path):
+    raw = _cache_cfg(tiny_causal, alpaca_small, tmp_path, limit=6)
+    raw["data"] |= {"eval": str(alpaca_small), "eval_limit": 4}
+    stats = build_cache(config_from_dict(raw), progress=False)
+    assert set(stats) == {"train", "eval"} and (tmp_path / "cache" / "eval" / "manifest.json").is_file()
+    prepared = prepare(config_from_dict(raw))
+    assert prepared.teacher is None
+    prepared.trainer.evaluate()
+    metrics = prepared.trainer.state.log_history[-1]  # per-term values are logged with the eval metrics
+    assert metrics["eval_loss/kd"] > 0 and 0 <= metrics["eval_kd/top1_agreement"] <= 1
+
+
+def test_cache_folder_of_other_settings_is_not_mixed(tiny_causal, alpaca_small, tmp_path):
+    raw = _cache_cfg(tiny_causal, alpaca_small, tmp_path, limit=3)
+    build_cache(config_from_dict(raw), progress=False)
+    with pytest.raises(CacheMismatchError, match="k"):
+        build_cache(config_from_dict(raw | {"cache": raw["cache"] | {"k": 8}}), progress=False)
+    assert TopKStore(tmp_path / "cache" / "train").codec.k == 16  # the first cache is intact

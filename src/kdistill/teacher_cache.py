@@ -91,10 +91,12 @@ def build_cache(cfg, progress: bool = True) -> dict[str, dict[str, Any]]:
     from kdistill.models import compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model, load_tokenizer
     from kdistill.pipeline import load_split
 
+    from kdistill.config import ConfigError
+
     if not cfg.cache.dir:
-        raise ValueError("cache.dir is not set: where should the cache be written?")
+        raise ConfigError("cache.dir is not set: where should the cache be written?")
     if not cfg.teacher.name_or_path:
-        raise ValueError("teacher.name_or_path is required to write a cache")
+        raise ConfigError("teacher.name_or_path is required to write a cache")
     tokenizer = load_tokenizer(cfg.student)
     compare_tokenizers(load_tokenizer(cfg.teacher), tokenizer)
     encoder_decoder = is_encoder_decoder(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.trust_remote_code)
@@ -121,7 +123,11 @@ def _cache_split(cfg, teacher, tokenizer, dataset, split, source, encoder_decode
     hashes = [example_hash(r) for r in rows]
     codec = TopKCodec(vocab_size=vocab, k=min(cfg.cache.k, vocab), logprob_bits=cfg.cache.logprob_bits)
     meta = cache_meta(cfg, tokenizer, split, source, encoder_decoder)
-    with TopKStoreWriter(root, meta, codec, shard_bytes=cfg.cache.shard_mb * 2 ** 20) as writer:
+    try:
+        writer = TopKStoreWriter(root, meta, codec, shard_bytes=cfg.cache.shard_mb * 2 ** 20)
+    except ValueError as exc:  # a folder holding another cache (other settings): never mixed, never overwritten
+        raise CacheMismatchError(str(exc)) from None
+    with writer:
         return _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encoder_decoder, vocab,
                       split, progress)
 
