@@ -149,6 +149,9 @@ def test_bucket_with_another_temperature_refused_before_loading(tiny_causal, alp
     raw["objectives"]["kd"]["temperature"] = 2.0
     with pytest.raises(ConfigError, match="missing: bucket needs the loss temperature"):
         config_from_dict(raw)
+    raw["objectives"] = {"kd": {}, "hidden": {}}
+    with pytest.raises(ConfigError, match=r"objectives.hidden \(hidden\) needs a live teacher model"):
+        config_from_dict(raw)
 
 
 def test_killed_cache_run_resumes_without_duplicates(tiny_causal, alpaca_small, tmp_path, monkeypatch):

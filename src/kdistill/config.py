@@ -395,6 +395,9 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
                 raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set "
                                   "teacher.name_or_path" + (" or cache.dir" if obj.type == "kd" else "") +
                                   " or remove the objective")
+        if cfg.cache.dir and OBJECTIVES[obj.type].needs_teacher and obj.type != "kd":
+            raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model, but cache.dir is "
+                              "set and a cached run loads none (the cache serves kd only)")
         if cfg.cache.dir and obj.type == "kd":
             if obj.view:
                 raise ConfigError(f"{source}: objectives.{key}: a top-k cache covers the main token view only, "

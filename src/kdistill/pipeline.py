@@ -242,15 +242,12 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
         eval_ds, eval_report = load_split(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split,
                                            cfg.data.eval_limit, encoder_decoder)
         reports.append(eval_report)
-    stores = {}
     if cached:  # checked against the data and tokenizer before any model is loaded
         from kdistill.teacher_cache import CachedTeacherDataset, open_cache
 
-        stores["train"] = open_cache(cfg, "train", train_ds, tokenizer, encoder_decoder)
-        train_ds = CachedTeacherDataset(train_ds, stores["train"])
+        train_ds = CachedTeacherDataset(train_ds, open_cache(cfg, "train", train_ds, tokenizer, encoder_decoder))
         if eval_ds is not None:
-            stores["eval"] = open_cache(cfg, "eval", eval_ds, tokenizer, encoder_decoder)
-            eval_ds = CachedTeacherDataset(eval_ds, stores["eval"])
+            eval_ds = CachedTeacherDataset(eval_ds, open_cache(cfg, "eval", eval_ds, tokenizer, encoder_decoder))
 
     if any((o.type or name) == "attention" for name, o in cfg.objectives.items()):
         for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):

@@ -208,8 +208,7 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
     writer.close(stats=stats, num_examples=len(rows))
     store = TopKStore(root)
     stats["bytes_per_token"] = store.total_bytes() / max(store_tokens, 1)
-    writer_stats = dict(stats)
-    _update_stats(root, writer_stats)
+    _update_stats(root, stats)
     logger.info("%s: %d examples, %d tokens, %.1f bytes/token on disk, mean KL(full || top-%d) %s", root,
                 len(rows), store_tokens, stats["bytes_per_token"], codec.k,
                 "n/a" if stats["kl_mean"] is None else f"{stats['kl_mean']:.4g}")
