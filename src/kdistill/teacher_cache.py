@@ -61,10 +61,9 @@ def example_hash(row: dict) -> str:
 
 def trained_tokens(row: dict, encoder_decoder: bool) -> int:
     """The positions `kd` compares in one example (causal LMs: labels after the shift)."""
-    labels = np.asarray(row["labels"])
-    if not encoder_decoder:
-        labels = labels[1:]
-    return int((labels != -100).sum())
+    from kdistill.trainer import shifted_targets
+
+    return int((shifted_targets(np.asarray(row["labels"]), encoder_decoder) != -100).sum())
 
 
 def cache_meta(cfg, tokenizer, split: str, source: str, encoder_decoder: bool) -> dict[str, Any]:

@@ -85,7 +85,12 @@ def align_positions(logits: torch.Tensor, labels: torch.Tensor | None, encoder_d
     if encoder_decoder:
         return logits if labels is None else (logits, labels)
     logits = logits[:, :-1]
-    return logits if labels is None else (logits, labels[:, 1:])
+    return logits if labels is None else (logits, shifted_targets(labels, encoder_decoder))
+
+
+def shifted_targets(labels: torch.Tensor, encoder_decoder: bool) -> torch.Tensor:
+    """The targets of `align_positions`' logits: labels without the first (causal LMs), over the last dim."""
+    return labels if encoder_decoder else labels[..., 1:]
 
 
 def lm_model_inputs(model, inputs: dict[str, Any], encoder_decoder: bool) -> dict[str, Any]:
@@ -261,9 +266,7 @@ class DistillTrainer(Trainer):
     # ------------------------------------------------------------------------------------ normalisation counts
     def _count_targets(self, labels: torch.Tensor) -> torch.Tensor:
         """Trained positions in a batch, after the causal shift (the first label never is a target)."""
-        if self.is_encoder_decoder:
-            return labels.ne(-100).sum()
-        return labels[..., 1:].ne(-100).sum()
+        return shifted_targets(labels, self.is_encoder_decoder).ne(-100).sum()
 
     @staticmethod
     def _count_examples(batch: dict[str, Any]) -> int:
