@@ -34,11 +34,11 @@ quickstart: install
 
 # Offline logit KD of a tiny Qwen2-style pair on bundled Alpaca data.
 demo: install
-	$(BIN)/kdistill tiny --out runs/tiny-causal --kind causal --data ../shared/data/alpaca/alpaca_small_2000.jsonl --teacher-steps 60
+	$(BIN)/kdistill tiny --out runs/tiny-causal --kind causal --data examples/data/alpaca_2000.jsonl --teacher-steps 60
 	$(BIN)/kdistill train examples/tiny/decoder_kd.yaml
 
 demo-t5: install
-	$(BIN)/kdistill tiny --out runs/tiny-t5 --kind t5 --data ../shared/data/alpaca/alpaca_small_2000.jsonl --teacher-steps 60
+	$(BIN)/kdistill tiny --out runs/tiny-t5 --kind t5 --data examples/data/alpaca_2000.jsonl --teacher-steps 60
 	$(BIN)/kdistill train examples/tiny/t5_kd.yaml
 
 clean:

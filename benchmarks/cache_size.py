@@ -31,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_small_2000.jsonl"
+ALPACA = REPO / "examples" / "data" / "alpaca_2000.jsonl"
 QWEN_VOCAB = 151_936
 TARGET_BYTES = 256
 

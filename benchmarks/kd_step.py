@@ -39,7 +39,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_small_2000.jsonl"
+ALPACA = REPO / "examples" / "data" / "alpaca_2000.jsonl"
 TARGET = 1.15
 
 

@@ -441,3 +441,68 @@ def test_new_errors():
     ht, wt = torch.randn(*hs.shape[:-1], 5, dtype=hs.dtype), torch.randn(v, 5, dtype=hs.dtype)
     with pytest.raises(ValueError, match="reduction"):
         chunked_distillation_loss(hs, ws, ht, wt, mask, reduction="avg")
+
+
+# ---------------------------------------------------------------------------------------- chunk_size="auto"
+
+def test_auto_chunk_size_fits_the_budget():
+    from kdistill.losses.chunked import CHUNK_BUDGET_BYTES, WORKING_SET, auto_chunk_size
+
+    v, h = 151936, 896 + 1536
+    rows = auto_chunk_size(v, h)
+    assert rows == 176 and rows % 8 == 0
+    for r in (rows, rows + 8):  # the largest multiple of 8 that fits
+        fits = 4 * r * (WORKING_SET["distillation"] * v + 2 * h) <= CHUNK_BUDGET_BYTES
+        assert fits == (r == rows)
+    assert auto_chunk_size(16384, h) == 1584
+    assert auto_chunk_size(v, h, torch.float64) == 88         # float64 compute: half the rows
+    assert auto_chunk_size(v, h, torch.bfloat16) == rows      # computed in float32 anyway
+    assert auto_chunk_size(v, 896, kind="cross_entropy") > auto_chunk_size(v, 896, kind="topk") > rows
+    assert auto_chunk_size(10**9, 8) == 1                     # never zero rows
+    with pytest.raises(ValueError, match="unknown chunk kind"):
+        auto_chunk_size(v, h, kind="nope")
+    for bad in (0, -3, 2.5, True, "big"):
+        with pytest.raises(ValueError, match="chunk_size must be an integer >= 1 or 'auto'"):
+            chunked_distillation_loss(torch.zeros(2, H_S), torch.zeros(V, H_S), torch.zeros(2, H_T),
+                                      torch.zeros(V, H_T), chunk_size=bad)
+
+
+@pytest.mark.parametrize("entry", ["distillation", "topk", "cross_entropy"])
+def test_auto_chunk_size_equals_explicit(entry, monkeypatch):
+    """With a budget small enough to make several chunks, "auto" gives the loss and gradients of an explicit size
+    (and of one single chunk)."""
+    import kdistill.losses.chunked as chunked
+    from kdistill.losses import TopKTeacher, chunked_cross_entropy, chunked_topk_distillation_loss
+
+    monkeypatch.setattr(chunked, "CHUNK_BUDGET_BYTES", 4 * 5 * (chunked.WORKING_SET[entry] * V + 2 * (H_S + H_T)))
+    hs, ws, ht, wt, bs, bt, mask = _inputs(bias=True)
+    teacher = TopKTeacher(*reversed((ht @ wt.T).log_softmax(-1).topk(5, dim=-1)), 1.0)
+    targets = torch.randint(0, V, mask.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(size):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (hs, ws, bs)]
+        h, w, b = leaves
+        if entry == "distillation":
+            loss = chunked_distillation_loss(h, w, ht, wt, mask, "jsd", chunk_size=size, student_lm_head_bias=b,
+                                             teacher_lm_head_bias=bt)
+        elif entry == "topk":
+            loss = chunked_topk_distillation_loss(h, w, teacher, mask, chunk_size=size, student_lm_head_bias=b)
+        else:
+            loss = chunked_cross_entropy(h, w, targets, mask, chunk_size=size, student_lm_head_bias=b)
+        loss.backward()
+        return [loss.detach()] + [x.grad for x in leaves]
+
+    rows = chunked.auto_chunk_size(V, H_S + (H_T if entry == "distillation" else 0), kind=entry)
+    assert 1 < rows < int(mask.sum())  # several chunks
+    for reference in (run(rows), run(1000)):
+        for a, b in zip(run("auto"), reference):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_second_backward_is_refused():
+    hs, ws, ht, wt, _, _, mask = _inputs()
+    hs.requires_grad_(True)
+    loss = chunked_distillation_loss(hs, ws, ht, wt, mask, chunk_size=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

@@ -217,14 +217,15 @@ def test_eval_sts_cli_spearman_equals_sentence_transformers_evaluator(minilm, ca
 def test_quickstart_smoke_run(minilm, tmp_path, capsys):
     from kdistill.quickstart import run
 
-    result = run(out_dir=tmp_path / "qs", sts=str(STS_DEV), max_steps=4, max_sentences=256, sts_limit=100,
+    result = run(out_dir=tmp_path / "qs", max_steps=4, max_sentences=256, sts_limit=100,  # bundled STS pairs
                  batch_size=32)
     names = [r["name"] for r in result["reports"]]
     assert names == ["teacher", "student, shrunk, untrained", "student, distilled"]
     assert result["reports"][1]["layers"] == 3 and result["train_steps"] == 4
     assert (tmp_path / "qs" / "quickstart.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "| teacher | 6 |" in out and "STS-B dev Spearman" in out
+    assert "| teacher | 6 |" in out and "STS Spearman" in out and "bundled STS-B dev subset" in out
+    assert result["sts_pairs"] == 100 and result["train_sentences"] == 256
     from sentence_transformers import SentenceTransformer
 
     assert SentenceTransformer(result["student"], device="cpu").encode(["ok"]).shape == (1, 384)

@@ -57,6 +57,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdistill.errors import MissingFileError
+
 __all__ = [
     "TASKS",
     "TEXT_KEYS",
@@ -463,7 +465,7 @@ def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None
         dataset = datasets.load_dataset(source, split=split)
         rows = [(f"{source}[{split}]:row {i}", dict(r)) for i, r in enumerate(dataset)]
     else:
-        raise FileNotFoundError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r})")
+        raise MissingFileError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r})")
     errors += [f"{loc}: row is not a JSON object" for loc, row in rows if not isinstance(row, dict)]
     if errors:
         raise DataValidationError(errors)
@@ -898,7 +900,7 @@ def export(out_path: str | os.PathLike, dest: str | os.PathLike, format: str = "
         raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
     out_path, dest = Path(out_path), Path(dest)
     if not out_path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {str(out_path)!r}")
+        raise MissingFileError(f"annotation file not found: {str(out_path)!r}")
     lines = []
     for record in load_annotations(out_path).values():
         if record["status"] != "ok":

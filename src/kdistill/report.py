@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from kdistill.errors import MissingFileError
+
 __all__ = ["build_report", "format_number", "load_run", "add_parser", "run_cli"]
 
 CONFIG_FILE = "kdistill_config.yaml"
@@ -91,7 +93,7 @@ def load_run(run_dir) -> dict:
     """Read one run folder: name, config, log_history, summary numbers and results."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
+        raise MissingFileError(f"run folder not found: {run_dir}")
     config_path = next((p for p in (run_dir / CONFIG_FILE, *sorted(run_dir.glob(f"*/{CONFIG_FILE}")))
                         if p.is_file()), None)
     summary_path = next((p for p in (run_dir / SUMMARY_FILE, *sorted(run_dir.glob(f"*/{SUMMARY_FILE}")))

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdistill.errors import UserError
+from kdistill.losses.chunked import resolve_chunk_size
 from kdistill.topk_store import TopKCodec, TopKStore, TopKStoreWriter, reconstruction_kl
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(UserError, ValueError):
     """The cache was written for other data, another tokenizer or another teacher."""
 
 
@@ -166,8 +168,9 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
         aligned, targets = align_positions(out.logits, batch["labels"], encoder_decoder)
         selected = aligned[targets.ne(-100)]                      # (N, H) hidden or (N, V') logits
         ids_parts, lp_parts = [], []
-        for lo in range(0, selected.shape[0], cfg.chunked_loss.chunk_size):
-            rows_ = selected[lo:lo + cfg.chunked_loss.chunk_size]
+        step = resolve_chunk_size(cfg.chunked_loss.chunk_size, vocab, selected.shape[-1], selected.dtype, "projection")
+        for lo in range(0, selected.shape[0], step):
+            rows_ = selected[lo:lo + step]
             if chunked:
                 logits = torch.nn.functional.linear(rows_, head.weight[:vocab],
                                                     None if head.bias is None else head.bias[:vocab])

@@ -156,7 +156,7 @@ class DistillTrainer(Trainer):
                  objectives: dict[str, tuple[Objective, float]] | None = None,
                  kd_vocab: int | None = None, chunking: dict | None = None,
                  topk_temperature: float | None = None, **kwargs):
-        """chunking: {"mode": "auto" | "on" | "off", "chunk_size": int, "min_vocab": int} (see `resolve_chunking`;
+        """chunking: {"mode": "auto" | "on" | "off", "chunk_size": int | "auto", "min_vocab": int} (see `resolve_chunking`;
         default off). topk_temperature: the batches carry a cached top-k teacher captured at this temperature
         (`kdistill cache`) instead of a live teacher; only `kd` can use it."""
         if not objectives:
@@ -217,8 +217,9 @@ class DistillTrainer(Trainer):
         return teacher
 
     # ----------------------------------------------------------------------------------------- chunked losses
-    def resolve_chunking(self, chunking: dict) -> int | None:
-        """The chunk size the token objectives use, or None for dense logits.
+    def resolve_chunking(self, chunking: dict) -> int | str | None:
+        """The chunk size the token objectives use (rows, or "auto": chosen per loss by
+        `kdistill.losses.chunked.auto_chunk_size`), or None for dense logits.
 
         mode "off": dense. "on": chunked, or an error saying why it cannot be. "auto": chunked when an objective
         reads logits (ce, kd), the vocabulary has at least `min_vocab` entries, weights are not sharded
@@ -244,9 +245,10 @@ class DistillTrainer(Trainer):
                     reason = f"the {role}: {problem}"
                     break
         if reason is None:
-            logger.info("token losses are chunked: %d positions at a time, no (tokens x V) logits",
-                        chunking["chunk_size"])
-            return int(chunking["chunk_size"])
+            size = chunking.get("chunk_size", "auto")
+            logger.info("token losses are chunked: %s positions at a time, no (tokens x V) logits",
+                        "a working-set budget's worth of" if size == "auto" else size)
+            return size
         if mode == "on":
             raise ValueError(f"chunked_loss.mode is 'on' but the chunked losses cannot be used: {reason}")
         logger.info("dense logits for the token losses (chunked_loss.mode=auto): %s", reason)

@@ -114,7 +114,8 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Claim-evidence pairs -> triplets and stance targets")
-    parser.add_argument("pairs", help="claim-evidence JSONL (e.g. ../shared/data/climate_fever/climate-fever_pairs.jsonl)")
+    parser.add_argument("pairs", help="claim-evidence JSONL, e.g. dataset/climate-fever.jsonl of "
+                        "https://github.com/tdiggelm/climate-fever-dataset")
     parser.add_argument("out_dir")
     parser.add_argument("--stance-labels", default=None, help="comma-separated, e.g. SUPPORTS,REFUTES (default: all)")
     args = parser.parse_args()

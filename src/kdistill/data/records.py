@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdistill.errors import HubUnavailableError, MissingFileError, UserError
+
 __all__ = [
     "DataValidationError",
     "Example",
@@ -53,7 +55,9 @@ __all__ = [
     "LM_FORMATS",
     "ROLES",
     "load_examples",
+    "load_hub_dataset",
     "load_rows",
+    "looks_local",
 ]
 
 LM_FORMATS = ("alpaca", "prompt_completion", "messages")
@@ -93,7 +97,7 @@ _DETECT_KEYS: tuple[tuple[str, frozenset], ...] = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(UserError, ValueError):
     """Raised with every problem found in a data source.
 
     ``errors`` holds all problems as ``"file:line: reason"`` strings; ``str()`` lists the first 50, one
@@ -489,7 +493,8 @@ def _read_rows(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
 # Public API
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
+    """True when ``source`` is shaped like a local path (a .json/.jsonl name, or a path that is no hub id)."""
     if source.lower().endswith((".json", ".jsonl")):
         return True
     if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in source:
@@ -522,7 +527,7 @@ def load_rows(rows: Iterable[Mapping], name: str, format: str = "auto", skip_inv
 
 
 def load_examples(source: str, format: str = "auto", split: str = "train", skip_invalid: bool = False,
-                  limit: int | None = None) -> LoadedData:
+                  limit: int | None = None, option: str | None = None, subset: str | None = None) -> LoadedData:
     """Load and validate a whole data source.
 
     ``source``: a local ``.jsonl`` / ``.json`` file, or (when it is not an existing file) a Hugging Face
@@ -533,6 +538,9 @@ def load_examples(source: str, format: str = "auto", split: str = "train", skip_
     Every row is checked. With problems and ``skip_invalid=False`` a :class:`DataValidationError` lists
     them all; with ``skip_invalid=True`` the valid rows are returned and the problems are in
     ``LoadedData.skipped``. ``limit`` keeps the first N valid examples (validation still covers all rows).
+    ``option``: the flag or config key that names ``source`` (e.g. ``"data.train"``); a hub id that cannot be
+    loaded (offline, unreachable, unknown) raises :class:`~kdistill.errors.HubUnavailableError` naming it.
+    ``subset``: the hub dataset's configuration name, if it has several (``load_dataset(source, subset)``).
     """
     _check_format_arg(format)
     source = os.fspath(source)
@@ -540,9 +548,11 @@ def load_examples(source: str, format: str = "auto", split: str = "train", skip_
     if path.is_file():
         rows, parse_errors = _read_rows(path)
         return _collect(rows, format, skip_invalid, limit, preliminary=parse_errors)
-    if path.is_dir() or not _looks_local(source):
-        return _load_hub(source, format, split, skip_invalid, limit)
-    raise FileNotFoundError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r}); "
+    if path.is_dir() or not looks_local(source):
+        dataset = load_hub_dataset(source, split, option, subset)
+        name = f"{source}[{subset}:{split}]" if subset else f"{source}[{split}]"
+        return load_rows(dataset, name, format=format, skip_invalid=skip_invalid, limit=limit)
+    raise MissingFileError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r}); "
                             f"it looks like a local path, so it was not looked up on the Hugging Face hub")
 
 
@@ -556,17 +566,21 @@ def _by_line(messages: list[str]) -> list[str]:
     return sorted(messages, key=key)
 
 
-def _load_hub(source: str, format: str, split: str, skip_invalid: bool, limit: int | None) -> LoadedData:
+def load_hub_dataset(source: str, split: str, option: str | None = None, subset: str | None = None):
+    """``datasets.load_dataset(source, [subset,] split=split)`` (a hub id or a local dataset folder), with the failures a user
+    can fix as one :class:`~kdistill.errors.HubUnavailableError` that names ``option``, the flag or config key that
+    takes a local .jsonl/.json file instead."""
+    import datasets
+
     try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a dependency
-        raise ImportError(f"{source!r} is not a local file and the 'datasets' package is not installed "
-                          f"to load it from the Hugging Face hub") from exc
-    try:
-        dataset = datasets.load_dataset(source, split=split)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"{source!r} is not an existing local file and loading it with "
-                         f"datasets.load_dataset(..., split={split!r}) failed: {exc}") from exc
-    return load_rows(dataset, f"{source}[{split}]", format=format, skip_invalid=skip_invalid, limit=limit)
+        if subset:
+            return datasets.load_dataset(source, subset, split=split)
+        return datasets.load_dataset(source, split=split)
+    except Exception as exc:  # offline, unreachable, unknown id or split: datasets raises many types
+        reason = " ".join(str(exc).split())
+        if len(reason) > 300:
+            reason = reason[:300] + "..."
+        hint = f"give {option} a" if option else "pass a local"
+        raise HubUnavailableError(f"{source!r} is not a local file and datasets.load_dataset(..., split={split!r}) "
+                                  f"failed ({type(exc).__name__}: {reason}); to use local data instead, {hint} "
+                                  f".jsonl/.json file") from exc

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import MissingFileError
 from ..evaluation.accuracy import eval_equation
 from .records import DataValidationError, _by_line, _read_rows, _string_field, _type_name
 
@@ -275,7 +276,7 @@ def load_stepbystep(path: str | os.PathLike, dataset: str, skip_invalid: bool = 
         raise ValueError(f"nli_separator applies to esnli / anli only, not {dataset!r}")
     file = Path(os.fspath(path)).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"data file not found: {str(path)!r} (resolved to {str(file.resolve())!r})")
+        raise MissingFileError(f"data file not found: {str(path)!r} (resolved to {str(file.resolve())!r})")
     rows, parse_errors = _read_rows(file)
     examples: list[RationaleExample] = []
     messages: list[str] = []

@@ -29,13 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from kdistill.bundled import HATE_SPEECH, bundled_path
+from kdistill.data.records import load_hub_dataset, looks_local
+from kdistill.errors import MissingFileError, UserError
+
 __all__ = ["Task", "Examples", "classification_metrics", "climate_fever_task", "hate_speech_task",
            "custom_task", "get_task", "loglik_predict", "generate_predict", "evaluate_classification",
            "format_table", "add_parser", "run_cli", "DEFAULT_DATA"]
 
+CLIMATE_FEVER_HUB = "tdiggelm/climate_fever"  # the claims file of Diggelmann et al. 2020; one split, "test"
 DEFAULT_DATA = {
-    "climate_fever": "../shared/data/climate_fever/climate-fever.jsonl",
-    "hate_speech": "../shared/data/hate_speech_stormfront/sampled_train.jsonl",
+    "climate_fever": f"{CLIMATE_FEVER_HUB} (hub, split test; no license stated, so kdistill does not ship it)",
+    "hate_speech": f"{HATE_SPEECH} (shipped: 200 hate + 200 noHate Stormfront sentences, CC BY-SA 3.0)",
 }
 N_EXAMPLES_KEPT = 20
 
@@ -118,7 +123,8 @@ class Task:
     template: str
     text_fields: list[str]
     label_field: str
-    default_data: str | None = None
+    default_data: str | None = None  # a local file or a hub dataset id
+    default_split: str = "test"       # when the data is a hub id
     label_map: dict[str, str] = field(default_factory=dict)  # raw label in the file -> task label
     answer_prefix: str = " "
 
@@ -137,33 +143,57 @@ class Task:
         choices = ", ".join(self.verbalizers[label] for label in self.labels)
         return self.template.format(**{**fields, "labels": choices})
 
-    def load(self, path: str | Path | None = None, limit: int | None = None) -> Examples:
-        """Rows of a JSONL file as ``(fields, gold)``; rows whose label is not a task label are excluded
-        (counted by raw label in ``.excluded``), as are rows missing a text field (``"missing_text"``). With ``limit`` reading stops at ``limit``
-        kept rows, so ``excluded`` then counts only the rows read so far."""
-        path = Path(path or self.default_data or "")
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.name}: data file not found: {path}")
+    def load(self, path: str | Path | None = None, limit: int | None = None, split: str | None = None) -> Examples:
+        """Rows of a JSONL file or a hub dataset (``split``, default ``default_split``; class-label columns read as
+        their names) as ``(fields, gold)``; rows whose label is not a task label are excluded (counted by raw label
+        in ``.excluded``), as are rows missing a text field (``"missing_text"``). With ``limit`` reading stops at
+        ``limit`` kept rows, so ``excluded`` then counts only the rows read so far."""
+        source = str(path or self.default_data or "")
+        if Path(source).expanduser().is_file():
+            rows = _jsonl_rows(Path(source).expanduser())
+        elif source and (Path(source).is_dir() or not looks_local(source)):
+            rows = _hub_rows(source, split or self.default_split)
+        else:
+            raise MissingFileError(f"{self.name}: data file not found: {source!r}")
         items, excluded = [], Counter()
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if not line:
-                    continue
-                row = json.loads(line)
-                raw = row.get(self.label_field)
-                gold = self.label_map.get(raw, raw) if isinstance(raw, str) else None
-                if gold not in self.labels:
-                    excluded[str(raw)] += 1
-                    continue
-                fields = {name: row.get(name) for name in self.text_fields}
-                if any(not isinstance(v, str) or not v.strip() for v in fields.values()):
-                    excluded["missing_text"] += 1
-                    continue
-                items.append((fields, gold))
-                if limit is not None and len(items) >= limit:
-                    break
+        for row in rows:
+            raw = row.get(self.label_field)
+            gold = self.label_map.get(raw, raw) if isinstance(raw, str) else None
+            if gold not in self.labels:
+                excluded[str(raw)] += 1
+                continue
+            fields = {name: row.get(name) for name in self.text_fields}
+            if any(not isinstance(v, str) or not v.strip() for v in fields.values()):
+                excluded["missing_text"] += 1
+                continue
+            items.append((fields, gold))
+            if limit is not None and len(items) >= limit:
+                break
         return Examples(items, dict(excluded))
+
+
+def _jsonl_rows(path: Path):
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+            yield row
+
+
+def _hub_rows(source: str, split: str):
+    import datasets
+
+    dataset = load_hub_dataset(source, split, option="--data")
+    names = {name: feature.int2str for name, feature in dataset.features.items()
+             if isinstance(feature, datasets.ClassLabel)}
+    for row in dataset:
+        yield {k: names[k](v) if k in names and isinstance(v, int) and v >= 0 else v for k, v in row.items()}
 
 
 CLIMATE_VERBALIZERS = {"SUPPORTS": "supported", "REFUTES": "refuted", "NOT_ENOUGH_INFO": "not enough info",
@@ -177,7 +207,7 @@ def climate_fever_task(all_labels: bool = False) -> Task:
         name="climate_fever", labels=labels, verbalizers={k: CLIMATE_VERBALIZERS[k] for k in labels},
         template=("Claim: {claim}\nIs this claim about climate supported or refuted by scientific evidence? "
                   "Answer with one of: {labels}.\nAnswer:"),
-        text_fields=["claim"], label_field="claim_label", default_data=DEFAULT_DATA["climate_fever"])
+        text_fields=["claim"], label_field="claim_label", default_data=CLIMATE_FEVER_HUB)
 
 
 def hate_speech_task() -> Task:
@@ -185,7 +215,7 @@ def hate_speech_task() -> Task:
     return Task(
         name="hate_speech", labels=["hate", "noHate"], verbalizers={"hate": "hate", "noHate": "not hate"},
         template=("Text: {text}\nIs this text hate speech? Answer with one of: {labels}.\nAnswer:"),
-        text_fields=["text"], label_field="label", default_data=DEFAULT_DATA["hate_speech"])
+        text_fields=["text"], label_field="label", default_data=bundled_path(HATE_SPEECH))
 
 
 def custom_task(labels: Sequence[str] | str, template: str | None = None, text_field: str = "text",
@@ -345,7 +375,7 @@ def generate_predict(model, tokenizer, task: Task, prompts: Sequence[str], batch
 def evaluate_classification(model, tokenizer, task: Task, scorer: str = "loglik", batch_size: int = 16,
                             limit: int | None = None, progress: bool = True, *, data: str | Path | None = None,
                             examples: Sequence | None = None, length_normalize: bool = False,
-                            max_new_tokens: int = 16) -> dict:
+                            max_new_tokens: int = 16, split: str | None = None) -> dict:
     """Classify the task's rows (``examples`` if given, else ``task.load(data)``) and score them.
 
     ``model``: a loaded model or a folder (``tokenizer`` then defaults to it). Returns the metrics of
@@ -357,9 +387,9 @@ def evaluate_classification(model, tokenizer, task: Task, scorer: str = "loglik"
         raise ValueError(f"scorer must be 'loglik' or 'generate', got {scorer!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if examples is None:  # the data first: a bad file or an unreachable hub id fails before a model loads
+        examples = task.load(data, limit=limit, split=split)
     model, tokenizer = _load(model, tokenizer)
-    if examples is None:
-        examples = task.load(data, limit=limit)
     excluded = dict(getattr(examples, "excluded", {}) or {})
     examples = list(examples)[:limit] if limit is not None else list(examples)
     prompts = [task.prompt(fields) for fields, _ in examples]
@@ -414,8 +444,9 @@ def add_parser(eval_subparsers) -> argparse.ArgumentParser:
     p = eval_subparsers.add_parser("classify", help="zero-shot classification: accuracy, macro-F1, confusion matrix")
     p.add_argument("--model", required=True, help="model folder (causal LM or seq2seq)")
     p.add_argument("--task", choices=["climate_fever", "hate_speech", "custom"], default="climate_fever")
-    p.add_argument("--data", default=None, help="JSONL rows; default for climate_fever: "
-                   f"{DEFAULT_DATA['climate_fever']}, hate_speech: {DEFAULT_DATA['hate_speech']}")
+    p.add_argument("--data", default=None, help="JSONL rows or a hub dataset id; default for climate_fever: "
+                   f"{DEFAULT_DATA['climate_fever']}; hate_speech: {DEFAULT_DATA['hate_speech']}")
+    p.add_argument("--split", default=None, help="split, when the data is a hub id (default: test)")
     p.add_argument("--scorer", choices=["loglik", "generate"], default="loglik")
     p.add_argument("--length-normalize", action="store_true",
                    help="loglik: mean log-prob per verbaliser token instead of the sum")
@@ -445,8 +476,9 @@ def run_cli(args) -> int:
         result = evaluate_classification(args.model, None, task, scorer=args.scorer, batch_size=args.batch_size,
                                          limit=args.limit, progress=True, data=args.data,
                                          length_normalize=getattr(args, "length_normalize", False),
-                                         max_new_tokens=getattr(args, "max_new_tokens", 16))
-    except (FileNotFoundError, ValueError) as exc:
+                                         max_new_tokens=getattr(args, "max_new_tokens", 16),
+                                         split=getattr(args, "split", None))
+    except (UserError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result["model"] = str(args.model)

@@ -56,6 +56,7 @@ from typing import Any, Callable
 
 # Private helper of kdistill.annotate reused on purpose: the append-only writer.
 from kdistill.annotate import _Writer, load_annotations
+from kdistill.errors import MissingFileError
 
 __all__ = ["DIMENSIONS", "JUDGE_TEMPLATE", "PAIRWISE_TEMPLATE", "JudgeSummary", "PairwiseSummary", "add_parser",
            "judge_file", "judge_pairwise", "load_answers", "main", "parse_judgement", "parse_verdict", "run_cli"]
@@ -209,7 +210,7 @@ def load_answers(path) -> list[dict]:
     """The rows of a ``generate`` output file (last record per key, in first-seen order)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"answers file not found: {str(path)!r}")
+        raise MissingFileError(f"answers file not found: {str(path)!r}")
     rows = []
     for record in load_annotations(path).values():
         if record.get("status") != "ok" or "generate_output" not in record:

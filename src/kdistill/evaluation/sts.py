@@ -163,13 +163,15 @@ def evaluate_sts(encode: Callable[[list[str]], np.ndarray], pairs: Sequence[tupl
 
 
 def load_sts_pairs(source: str, limit: int | None = None, split: str = "validation",
-                   skip_invalid: bool = False) -> list[tuple[str, str, float]]:
+                   skip_invalid: bool = False, option: str | None = None) -> list[tuple[str, str, float]]:
     """``(sentence1, sentence2, score)`` tuples from a ``pair_score`` source (STS-B, or SICK by its aliases).
 
     ``source`` is anything :func:`kdistill.data.load_examples` reads (``split`` applies to hub ids); every
-    row must be a ``pair_score`` row. ``limit`` keeps the first N pairs.
+    row must be a ``pair_score`` row. ``limit`` keeps the first N pairs. ``option``: the flag that named
+    ``source``, for the error when a hub id cannot be loaded.
     """
     from kdistill.data.records import load_examples
 
-    loaded = load_examples(source, format="pair_score", split=split, skip_invalid=skip_invalid, limit=limit)
+    loaded = load_examples(source, format="pair_score", split=split, skip_invalid=skip_invalid, limit=limit,
+                           option=option)
     return [(e.fields["sentence1"], e.fields["sentence2"], e.fields["score"]) for e in loaded.examples]

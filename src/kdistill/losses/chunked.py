@@ -14,7 +14,8 @@ as their dense counterparts but never hold more than a (chunk_size, V) block of 
 All three share one engine (``_ChunkedLoss``):
 
 * the counted positions (``mask``) are selected first and flattened to (N, H);
-* the N rows are processed ``chunk_size`` at a time: the student lm_head projects the chunk to logits and a
+* the N rows are processed ``chunk_size`` at a time (``"auto"``, the default: as many as fit a fixed working-set
+  budget, :func:`auto_chunk_size`): the student lm_head projects the chunk to logits and a
   per-chunk callable ``chunk_loss(start, stop, logits_s_chunk)`` returns the chunk's *summed* loss. That callable
   applies the *same* dense function as the reference (the divergence of :mod:`kdistill.losses.divergences`,
   ``topk_divergence`` or ``F.cross_entropy``, each with ``reduction="sum"`` and no mask), so temperature, the T^2
@@ -24,7 +25,8 @@ All three share one engine (``_ChunkedLoss``):
 * that (chunk, V) logit gradient is folded immediately into grad_hidden[chunk] = g @ W_s and
   grad_W_s += g.T @ h_chunk (grad_b_s += g.sum(0)), then dropped;
 * a custom ``torch.autograd.Function`` stores only grad_hidden (N, H), grad_weight (V, H) and grad_bias (V,);
-  its backward scales them by ``grad_output``. Gradients are therefore computed during the forward pass (there
+  its backward scales them by ``grad_output`` in place and hands them to autograd (no second (V, H) buffer), so
+  it runs once: a second backward through the same loss (``retain_graph=True``) is an error. Gradients are therefore computed during the forward pass (there
   is no recomputation in backward); a forward under ``torch.no_grad()`` or with no input requiring grad skips
   them.
 
@@ -61,13 +63,50 @@ import torch.nn.functional as F
 from kdistill.losses.divergences import DIVERGENCE_PARAMS, DIVERGENCES, _check_temperature
 from kdistill.losses.topk import TopKTeacher, topk_divergence
 
-__all__ = ["chunked_distillation_loss", "chunked_topk_distillation_loss", "chunked_cross_entropy"]
+__all__ = ["chunked_distillation_loss", "chunked_topk_distillation_loss", "chunked_cross_entropy",
+           "auto_chunk_size", "resolve_chunk_size", "CHUNK_BUDGET_BYTES", "WORKING_SET"]
+
+CHUNK_BUDGET_BYTES = 1 << 30
+"""What one chunk's working set may take when ``chunk_size="auto"``: 1 GiB, whatever N."""
+
+WORKING_SET = {"distillation": 10, "topk": 8, "cross_entropy": 2, "projection": 3}
+"""(rows, V) compute-dtype tensors alive at once inside one chunk, per entry point, rounded up from measurements
+(float32, V = 151,936, forward + backward): dense teacher 5.3 (forward/reverse KL), 4.1 (tvd), 9.6 (jsd); top-k
+teacher 3.3 (forward KL); cross-entropy 1.1. ``projection`` is a teacher's no-grad projection + log-softmax + top-k
+(``kdistill cache``)."""
 
 ChunkLoss = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, stop, logits_s chunk) -> summed loss
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)
+
+
+def auto_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
+                    kind: str = "distillation", budget_bytes: int | None = None) -> int:
+    """Rows per chunk such that one chunk's working set stays within ``budget_bytes`` (default
+    ``CHUNK_BUDGET_BYTES``, read at call time).
+
+    A row costs ``WORKING_SET[kind]`` vocabulary-wide values plus two hidden-wide ones (its hidden state and its
+    hidden gradient; ``hidden_size`` is the sum of the student's and the teacher's widths when both project) in the
+    compute dtype (float32, or float64 for float64 inputs). Above 64 rows the count is rounded down to a multiple
+    of 8. At V = 151,936, H = 896 + 1,536, float32: 176 rows for a dense teacher, 1,584 at V = 16,384.
+    """
+    if kind not in WORKING_SET:
+        raise ValueError(f"unknown chunk kind {kind!r}; valid: {', '.join(WORKING_SET)}")
+    itemsize = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
+    per_row = itemsize * (WORKING_SET[kind] * int(vocab_size) + 2 * int(hidden_size))
+    rows = int(CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes) // per_row
+    if rows > 64:
+        rows -= rows % 8
+    return max(1, rows)
+
+
+def resolve_chunk_size(chunk_size, vocab_size: int, hidden_size: int, dtype: torch.dtype, kind: str) -> int:
+    """An explicit ``chunk_size`` (int >= 1) as given; ``"auto"`` -> :func:`auto_chunk_size`."""
+    if chunk_size == "auto":
+        return auto_chunk_size(vocab_size, hidden_size, dtype, kind)
+    return int(chunk_size)
 
 
 def _check_inputs(student_hidden, student_w, teacher_hidden, teacher_w, mask, student_b, teacher_b, vocab_size):
@@ -126,8 +165,8 @@ def _check_common(reduction, chunk_size, name):
                                   f"dense function for per-position values")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size != "auto" and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or 'auto', got {chunk_size!r}")
 
 
 def _denominator(reduction, num_items, n):
@@ -166,8 +205,9 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h_on, grad_w_on, grad_b_on = need_grads
         any_grad = grad_h_on or grad_w_on or grad_b_on
         grad_h = torch.zeros(n, h_s.shape[1], dtype=dtype, device=h_s.device) if grad_h_on else None
-        grad_w = torch.zeros_like(ws) if grad_w_on else None
-        grad_b = torch.zeros_like(bs) if grad_b_on else None
+        # Full-shape weight/bias gradients (rows past vocab_size stay zero), so backward returns them without a copy.
+        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if grad_w_on else None
+        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if grad_b_on else None
         total = torch.zeros((), dtype=dtype, device=h_s.device)
         scale = 1.0 / denom
         for start in range(0, n, chunk_size):
@@ -190,44 +230,38 @@ class _ChunkedLoss(torch.autograd.Function):
             if grad_h_on:
                 torch.matmul(g, ws, out=grad_h[start:stop])
             if grad_w_on:
-                grad_w.addmm_(g.T, hs)
+                grad_w[:vocab_size].addmm_(g.T, hs)
             if grad_b_on:
-                grad_b += g.sum(0)
+                grad_b[:vocab_size] += g.sum(0)
             del g
         total = total * scale
-        ctx.shapes = (h_s.dtype, w_s.shape, w_s.dtype, None if b_s is None else b_s.dtype, vocab_size)
-        saved = (grad_h, grad_w, grad_b)
-        ctx.has = tuple(x is not None for x in saved)
-        ctx.save_for_backward(*[x for x in saved if x is not None])
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        # Kept as attributes, not saved tensors: backward scales them in place and hands them over (one (V, H)
+        # buffer in all, instead of a second scaled copy), so it can run once only.
+        ctx.grads = (grad_h, grad_w, grad_b)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        h_dtype, w_shape, w_dtype, b_dtype, vocab_size = ctx.shapes
-        saved = iter(ctx.saved_tensors)
-        grad_h, grad_w, grad_b = (next(saved) if has else None for has in ctx.has)
-        go = grad_output.to(grad_h.dtype if grad_h is not None else
-                            grad_w.dtype if grad_w is not None else
-                            grad_b.dtype if grad_b is not None else torch.float32)
-        out_h = out_w = out_b = None
-        if grad_h is not None and ctx.needs_input_grad[0]:
-            out_h = (grad_h * go).to(h_dtype)
-        if grad_w is not None and ctx.needs_input_grad[1]:
-            if vocab_size == w_shape[0]:
-                out_w = (grad_w * go).to(w_dtype)
-            else:
-                out_w = torch.zeros(w_shape, dtype=w_dtype, device=grad_w.device)
-                out_w[:vocab_size] = grad_w * go
-        if grad_b is not None and ctx.needs_input_grad[2]:
-            out_b = torch.zeros(w_shape[0], dtype=b_dtype, device=grad_b.device)
-            out_b[:vocab_size] = grad_b * go
-        return out_h, out_w, out_b, None, None, None, None, None
+        if ctx.grads is None:
+            raise RuntimeError("backward ran twice through a chunked loss (retain_graph=True); the chunked losses "
+                               "hand their precomputed gradients over once: compute the loss again instead")
+        grads, ctx.grads = ctx.grads, None
+        out = []
+        for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[:3]):
+            if grad is None or not needed:
+                out.append(None)
+                continue
+            grad.mul_(grad_output.to(grad.dtype))
+            out.append(grad.to(dtype))
+        return (*out, None, None, None, None, None)
 
 
-def _run(h_s, w_s, b_s, vocab_size, chunk_loss, chunk_size, reduction, num_items):
+def _run(h_s, w_s, b_s, vocab_size, chunk_loss, chunk_size, reduction, num_items, kind, teacher_width=0):
     denom = _denominator(reduction, num_items, h_s.shape[0])
     need = _need_grads(h_s, w_s, b_s)
-    return _ChunkedLoss.apply(h_s, w_s, b_s, vocab_size, chunk_loss, int(chunk_size), denom, need)
+    rows = resolve_chunk_size(chunk_size, vocab_size, h_s.shape[1] + teacher_width, h_s.dtype, kind)
+    return _ChunkedLoss.apply(h_s, w_s, b_s, vocab_size, chunk_loss, rows, denom, need)
 
 
 def _select_rows(x, flat_mask):
@@ -237,7 +271,7 @@ def _select_rows(x, flat_mask):
 
 
 def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight,
-                              mask=None, divergence="forward_kl", temperature=1.0, chunk_size=1024,
+                              mask=None, divergence="forward_kl", temperature=1.0, chunk_size="auto",
                               reduction="mean", num_items=None, student_lm_head_bias=None,
                               teacher_lm_head_bias=None, vocab_size=None, logit_softcap=None, metrics=None,
                               **divergence_kwargs):
@@ -253,8 +287,9 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
     ``divergence``: a key of ``DIVERGENCES`` (extra keyword arguments as in ``DIVERGENCE_PARAMS``, e.g.
     ``beta`` for jsd, ``alpha`` for the skew KLs). ``vocab_size``: default the common size when V_s == V_t; when
     they differ it must be given (``ValueError`` otherwise) and be <= min(V_s, V_t). ``metrics``: optional dict,
-    receives ``"top1_agreement"`` (a count, see the module docstring). Peak extra memory is O(chunk_size * V) plus
-    (N, H) + (V, H) stored gradients. Teacher inputs are detached. See the module docstring for dtype,
+    receives ``"top1_agreement"`` (a count, see the module docstring). ``chunk_size``: rows per chunk, or
+    ``"auto"`` (:func:`auto_chunk_size`: the chunk's working set within ``CHUNK_BUDGET_BYTES``). Peak extra memory
+    is O(chunk_size * V) plus (N, H) + (V, H) gradients, handed to autograd without a copy. Teacher inputs are detached. See the module docstring for dtype,
     reduction ("none" unsupported) and soft-capping rules.
     """
     if logit_softcap is not None:
@@ -294,14 +329,14 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
         return fn(logits_s, logits_t, None, temperature, "sum", None, **divergence_kwargs)
 
     loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
-                num_items)
+                num_items, "distillation", teacher_width=h_t.shape[1])
     if metrics is not None:
         metrics["top1_agreement"] = agree
     return loss
 
 
 def chunked_topk_distillation_loss(student_hidden, student_lm_head_weight, teacher: TopKTeacher, mask=None,
-                                   divergence="forward_kl", temperature=1.0, missing="bucket", chunk_size=1024,
+                                   divergence="forward_kl", temperature=1.0, missing="bucket", chunk_size="auto",
                                    reduction="mean", num_items=None, student_lm_head_bias=None, vocab_size=None,
                                    metrics=None, **divergence_kwargs):
     """KD divergence against a sparse top-k teacher, from the student's hidden states, without (N, V) tensors.
@@ -373,13 +408,13 @@ def chunked_topk_distillation_loss(student_hidden, student_lm_head_weight, teach
                                **divergence_kwargs)
 
     loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
-                num_items)
+                num_items, "topk")
     if metrics is not None:
         metrics["top1_agreement"] = agree
     return loss
 
 
-def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=None, chunk_size=1024,
+def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=None, chunk_size="auto",
                           reduction="mean", num_items=None, student_lm_head_bias=None, vocab_size=None,
                           ignore_index=-100, metrics=None):
     """Cross-entropy of the student's lm_head distribution against integer targets, without (N, V) tensors.
@@ -424,7 +459,7 @@ def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=
         return F.cross_entropy(logits_s, t, reduction="sum")
 
     loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
-                num_items)
+                num_items, "cross_entropy")
     if metrics is not None:
         metrics["accuracy"] = correct
     return loss
