@@ -52,8 +52,10 @@ Drop rules of :func:`build_views` (nothing is dropped at load time):
 * ``model_type="task_prefix"``: an example without an LLM rationale keeps its label view and loses only
   its rationale view (its row has no ``rationale_*`` keys); the count is logged.
 
-In the bundled data: CQA train has 3 rows without a PaLM label (test: 0); SVAMP train 13 without a PaLM
-label and 11 without a PaLM rationale (test: 2 and 2); e-SNLI valid 4 without a PaLM label.
+In the released data as parsed by the original code: CQA train has 3 rows without a PaLM label (test: 0); SVAMP
+train 13 without a PaLM label and 11 without a PaLM rationale (test: 2 and 2); e-SNLI valid 4 without a PaLM label.
+Converted with kdistill's own parser (:mod:`kdistill.data.stepbystep_release`), CQA train has 284 rows without a
+label: an answer that names two choices is unparsable there instead of a wrong label.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ All three share one engine (``_ChunkedLoss``):
   grad_W_s += g.T @ h_chunk (grad_b_s += g.sum(0)), then dropped;
 * a custom ``torch.autograd.Function`` stores only grad_hidden (N, H), grad_weight (V, H) and grad_bias (V,);
   its backward scales them by ``grad_output`` in place and hands them to autograd (no second (V, H) buffer), so
-  it runs once: a second backward through the same loss (``retain_graph=True``) is an error. Gradients are therefore computed during the forward pass (there
-  is no recomputation in backward); a forward under ``torch.no_grad()`` or with no input requiring grad skips
-  them.
+  it runs once: a second backward through the same loss (``retain_graph=True``) is an error. Gradients are
+  therefore computed during the forward pass (there is no recomputation in backward); a forward under
+  ``torch.no_grad()`` or with no input requiring grad skips them.
 
 Conventions and limits
     * Teacher inputs (hidden states, weight, bias, top-k data) are detached: they never receive a gradient.
@@ -289,8 +289,8 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
     they differ it must be given (``ValueError`` otherwise) and be <= min(V_s, V_t). ``metrics``: optional dict,
     receives ``"top1_agreement"`` (a count, see the module docstring). ``chunk_size``: rows per chunk, or
     ``"auto"`` (:func:`auto_chunk_size`: the chunk's working set within ``CHUNK_BUDGET_BYTES``). Peak extra memory
-    is O(chunk_size * V) plus (N, H) + (V, H) gradients, handed to autograd without a copy. Teacher inputs are detached. See the module docstring for dtype,
-    reduction ("none" unsupported) and soft-capping rules.
+    is O(chunk_size * V) plus (N, H) + (V, H) gradients, handed to autograd without a copy. Teacher inputs are
+    detached. See the module docstring for dtype, reduction ("none" unsupported) and soft-capping rules.
     """
     if logit_softcap is not None:
         raise NotImplementedError("logit soft-capping is not supported by chunked_distillation_loss; use the "
