@@ -57,7 +57,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kdistill.errors import MissingFileError
+from kdistill.errors import MissingFileError, UserError
 
 __all__ = [
     "TASKS",
@@ -787,9 +787,9 @@ def annotate(rows, teacher, task: str, out_path: str | os.PathLike, template: st
     others = sum(1 for r in existing.values() if r.get("teacher") != teacher_id or r.get("params") != params
                  or r.get("task") != task)
     if others:
-        logger.warning("%s already holds %d annotation(s) made with another teacher, task or generation "
-                       "parameters; they are kept and will be exported too (use one file per configuration)",
-                       out_path, others)
+        raise UserError(f"{out_path}: already holds {others} annotation(s) made with another teacher, task or "
+                        f"generation parameters (this run: teacher {teacher_id!r}, task {task!r}, parameters "
+                        f"{params!r}); one file holds one configuration: choose another --out")
     todo = []
     for key, job in unique.items():
         last = existing.get(key)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 
 def _train_parser(sub) -> None:
@@ -94,6 +96,7 @@ def _eval_parser(sub) -> None:
                      help="{sentence1, sentence2, score} pairs: a .jsonl/.json file or a hub id (e.g. "
                           "sentence-transformers/stsb); default: the 375 STS-B dev pairs kdistill ships")
     sts.add_argument("--split", default="validation", help="Split, when --data is a hub id")
+    sts.add_argument("--out", default="sts.json", help="Result JSON (default: sts.json; kdistill report reads it)")
     sts.add_argument("--batch-size", type=int, default=64)
     sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
     sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
@@ -132,9 +135,11 @@ def cmd_eval(args) -> int:
 def _eval_sts(args) -> int:
     from kdistill.bundled import STSB_DEV, bundled_path
     from kdistill.embedder import Embedder
+    from kdistill.models import pretrained_config
     from kdistill.evaluation.sts import evaluate_sts, load_sts_pairs
 
     data = args.data or bundled_path(STSB_DEV)
+    pretrained_config(args.model, "--model")  # a missing folder or an unreachable hub id: one line
     embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
     pairs = load_sts_pairs(data, limit=args.limit, split=args.split, option="--data")
     result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=args.batch_size), pairs,
@@ -144,6 +149,11 @@ def _eval_sts(args) -> int:
     print(f"spearman: {result.spearman:.2f}")
     print(f"pearson: {result.pearson:.2f}")
     print(f"sentences_per_second: {result.sentences_per_second:.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "data": args.data or "bundled:" + STSB_DEV,
+                               "pooling": embedder.pooling, **result.to_dict()}, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
@@ -152,7 +162,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
+        from kdistill.paths import check_output_dir
         from kdistill.pipeline import prepare
+
+        check_output_dir(cfg.training["output_dir"], "training.output_dir")
 
         prepared = prepare(cfg)
         import yaml
@@ -222,6 +235,8 @@ COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdistill", description="Distil large language models into small ones.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="Show the traceback of a user error too (or set KDISTILL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     from kdistill.annotate import add_parser as add_annotate_parser
     from kdistill.evaluation import generate, judge
@@ -249,7 +264,15 @@ def module_main(prog: str, description: str, add_arguments, run, argv: list[str]
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    return run(args)
+    from kdistill.errors import UserError
+
+    try:
+        return run(args)
+    except UserError as exc:
+        if os.environ.get("KDISTILL_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as exc:  # user mistakes: one line; anything else is a bug (traceback)
+        if args.debug or os.environ.get("KDISTILL_DEBUG", "").lower() in ("1", "true", "yes"):
+            raise
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,10 @@ Sections:
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
+import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,16 +32,21 @@ import yaml
 from kdistill.errors import UserError
 
 CONFIG_FILENAME = "kdistill_config.yaml"
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(UserError, ValueError):
     """A configuration problem, with the place (file:line or key) named."""
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, factory=None):
+def _f(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, factory=None,
+       ge: float | None = None):
+    """A config field: default, help text, allowed `choices` and a lower bound `ge` (checked on load)."""
     metadata = {"help": help}
     if choices is not None:
         metadata["choices"] = choices
+    if ge is not None:
+        metadata["ge"] = ge
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -74,11 +83,11 @@ class DataConfig:
     eval_split: str = _f("validation", "Split to load when `eval` is a hub id.")
     template: str = _f("auto", "Prompt rendering: auto = chat template if the tokenizer has one, else the Alpaca "
                        "prompt (prompt/completion rows are raw text).", ("auto", "chat", "alpaca", "plain"))
-    max_length: int = _f(512, "Maximum tokens per example (causal: prompt+response; seq2seq: source).")
-    max_target_length: int | None = _f(None, "Seq2seq only: maximum target tokens (default: max_length).")
+    max_length: int = _f(512, "Maximum tokens per example (causal: prompt+response; seq2seq: source).", ge=1)
+    max_target_length: int | None = _f(None, "Seq2seq only: maximum target tokens (default: max_length).", ge=1)
     skip_invalid: bool = _f(False, "Skip invalid rows (reported and counted) instead of refusing to start.")
-    limit: int | None = _f(None, "Use only the first N valid training examples.")
-    eval_limit: int | None = _f(None, "Use only the first N valid eval examples.")
+    limit: int | None = _f(None, "Use only the first N valid training examples.", ge=1)
+    eval_limit: int | None = _f(None, "Use only the first N valid eval examples.", ge=1)
 
 
 @dataclass
@@ -86,7 +95,7 @@ class ObjectiveConfig:
     """One term of the loss. `type` defaults to the objective's key in the `objectives` mapping."""
 
     type: str | None = _f(None, "Objective type: ce | kd | hidden | contrastive | embedding_kd (default: the key).")
-    weight: float = _f(1.0, "Weight of this term in the total loss.")
+    weight: float = _f(1.0, "Weight of this term in the total loss.", ge=0)
     divergence: str = _f("forward_kl", "kd: divergence between teacher and student next-token distributions.",
                          ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
     temperature: float | None = _f(
@@ -117,9 +126,9 @@ class LoraConfig:
     """LoRA adapters on the student, through peft."""
 
     enabled: bool = _f(False, "Train LoRA adapters instead of all student weights.")
-    r: int = _f(16, "LoRA rank.")
+    r: int = _f(16, "LoRA rank.", ge=1)
     alpha: int = _f(32, "LoRA scaling numerator (lora_alpha).")
-    dropout: float = _f(0.05, "Dropout on the LoRA path.")
+    dropout: float = _f(0.05, "Dropout on the LoRA path.", ge=0)
     target_modules: Any = _f("all-linear", "Module names (list) or 'all-linear'.")
     merge: bool = _f(False, "Save the student with adapters merged into the weights (also saves the adapter "
                      "under adapter/).")
@@ -133,8 +142,8 @@ class EmbeddingConfig:
                       "for encoders.", ("auto", "mean", "cls", "eos"))
     normalize: bool = _f(True, "L2-normalise embeddings.")
     append_eos: bool | None = _f(None, "Append EOS to every text (default: when pooling is eos).")
-    max_length: int = _f(256, "Maximum tokens per text.")
-    encode_batch_size: int = _f(128, "Batch size for encoding (teacher signals, evaluation).")
+    max_length: int = _f(256, "Maximum tokens per text.", ge=1)
+    encode_batch_size: int = _f(128, "Batch size for encoding (teacher signals, evaluation).", ge=1)
 
 
 @dataclass
@@ -152,8 +161,8 @@ class StepByStepConfig:
     rationale_prefix: str = _f("[rationale] ", "Prefix of the rationale view's input.")
     prompt_suffix: str | None = _f(None, "Text between a view's input and its target: default a newline for causal "
                                    "LMs (the answer starts on its own line), nothing for encoder-decoder models.")
-    max_new_tokens: int = _f(32, "Evaluation: tokens generated for a label.")
-    eval_batch_size: int = _f(32, "Evaluation: generation batch size.")
+    max_new_tokens: int = _f(32, "Evaluation: tokens generated for a label.", ge=1)
+    eval_batch_size: int = _f(32, "Evaluation: generation batch size.", ge=1)
 
 
 @dataclass
@@ -167,7 +176,7 @@ class ChunkedLossConfig:
     chunk_size: int | str = _f("auto", "Positions projected to the vocabulary at a time; auto: as many as keep one "
                                "chunk's working set within 1 GiB, from the vocabulary size, hidden sizes and dtype "
                                "(kdistill.losses.chunked.auto_chunk_size).")
-    min_vocab: int = _f(32768, "auto: the smallest vocabulary that is chunked.")
+    min_vocab: int = _f(32768, "auto: the smallest vocabulary that is chunked.", ge=1)
 
 
 @dataclass
@@ -180,9 +189,9 @@ class CacheConfig:
     temperature: float = _f(1.0, "Capture temperature: stored log-probs are log_softmax(teacher logits / T). A kd "
                             "objective with missing: bucket must train at this temperature.")
     logprob_bits: int = _f(12, "Bits per stored log-prob (4..16); ids take ceil(log2 V) bits.")
-    batch_size: int = _f(8, "Examples per teacher forward pass while caching.")
-    kl_sample_tokens: int = _f(4096, "Tokens on which KL(full teacher || reconstructed top-k) is measured.")
-    shard_mb: int = _f(256, "Shard file size.")
+    batch_size: int = _f(8, "Examples per teacher forward pass while caching.", ge=1)
+    kl_sample_tokens: int = _f(4096, "Tokens on which KL(full teacher || reconstructed top-k) is measured.", ge=0)
+    shard_mb: int = _f(256, "Shard file size.", ge=1)
 
 
 def _default_objectives() -> dict[str, ObjectiveConfig]:
@@ -223,6 +232,26 @@ class RunConfig:
 # YAML <-> dataclasses
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML read the way a config author means it (YAML 1.2 scalars): only true/false are booleans, so
+    `save_strategy: no` is the string "no" (YAML 1.1 makes no/off/yes/on booleans), and `1e-5` is a float
+    (YAML 1.1 needs a dot, `1.0e-5`), as transformers' own argument parser reads it."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse a config document (or a --set value) with kdistill's YAML rules (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
+
 def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each key path in a YAML document to its 1-based line number."""
     lines: dict[tuple[str, ...], int] = {}
@@ -243,9 +272,89 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 
 
 def _training_argument_names() -> set[str]:
+    return set(_training_argument_types())
+
+
+@functools.lru_cache(maxsize=1)
+def _training_argument_types() -> dict[str, Any]:
     from transformers import TrainingArguments
 
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+# Ranges of common TrainingArguments fields, checked before anything loads (transformers checks few of them, and
+# only once the models are loaded): name -> (minimum, whether the minimum itself is allowed).
+TRAINING_RANGES = {
+    "learning_rate": (0, True), "weight_decay": (0, True), "max_grad_norm": (0, True), "adam_epsilon": (0, False),
+    "per_device_train_batch_size": (1, True), "per_device_eval_batch_size": (1, True),
+    "gradient_accumulation_steps": (1, True), "num_train_epochs": (0, False), "warmup_steps": (0, True),
+    "logging_steps": (0, False), "save_steps": (0, False), "eval_steps": (0, False), "save_total_limit": (0, True),
+    "dataloader_num_workers": (0, True),
+}
+
+
+def _check_training_value(name: str, value: Any, where: str) -> Any:
+    """`value` for TrainingArguments field `name` read as its declared type (numbers as numbers, enum fields as one
+    of their values), or a ConfigError naming what is allowed."""
+    tp = _training_argument_types()[name]
+    members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+    if enums:
+        allowed = [e.value for e in enums[0]]
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    for member in members:
+        origin = typing.get_origin(member) or member
+        if member is bool and isinstance(value, bool):
+            return value
+        if member is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if member is int and isinstance(value, float) and value.is_integer() and float not in members:
+            return int(value)
+        if member is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if member is float and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if member is str and isinstance(value, str):
+            return value
+        if origin in (dict, list) and isinstance(value, origin):
+            return value
+        if typing.get_origin(member) is typing.Literal and value in typing.get_args(member):
+            return value
+        if isinstance(member, type) and not (member in (bool, int, float, str) or origin in (dict, list)) \
+                and isinstance(value, member):
+            return value
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             list: "a list"}
+    wanted = " or ".join(sorted({names.get(typing.get_origin(m) or m, getattr(m, "__name__", str(m)))
+                                 for m in members if m is not type(None)}))
+    raise ConfigError(f"{where}: expected {wanted}, got {value!r}")
+
+
+def _check_training(training: dict, lines: dict, source: str) -> dict:
+    """Every `training` entry read as its TrainingArguments type and range-checked: `file:line: key: reason`."""
+    checked = {}
+    for name, value in training.items():
+        line = lines.get(("training", name))
+        where = f"{source}:{line}: training.{name}" if line else f"{source}: training.{name}"
+        value = _check_training_value(name, value, where)
+        if name in TRAINING_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, inclusive = TRAINING_RANGES[name]
+            if value < low or (value == low and not inclusive):
+                raise ConfigError(f"{where}: must be {'>=' if inclusive else '>'} {low}, got {value!r}")
+        if name == "max_steps" and (value == 0 or value < -1):
+            raise ConfigError(f"{where}: must be >= 1, or -1 to train num_train_epochs, got {value!r}")
+        checked[name] = value
+    return checked
 
 
 def _strip_optional(tp):
@@ -337,6 +446,10 @@ def _build(cls, raw: Any, path: tuple[str, ...], lines: dict, source: str):
         choices = f.metadata.get("choices")
         if choices and kwargs[name] not in choices:
             raise ConfigError(f"{where(key_path)}: {kwargs[name]!r} is not one of {', '.join(map(str, choices))}")
+        value = kwargs[name]
+        if "ge" in f.metadata and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and value < f.metadata["ge"]:
+            raise ConfigError(f"{where(key_path)}: must be >= {f.metadata['ge']}, got {value!r}")
     return cls(**kwargs)
 
 
@@ -347,7 +460,7 @@ def _set_override(raw: dict, assignment: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set {assignment!r}: empty key part")
-    value = yaml.safe_load(text) if text.strip() else None
+    value = read_yaml(text) if text.strip() else None
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -380,6 +493,11 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
 
     if not cfg.student.name_or_path:
         raise ConfigError(f"{source}: student.name_or_path is required")
+    for role in ("student", "teacher"):
+        model = getattr(cfg, role)
+        if model.trust_remote_code and not model.revision:
+            logger.warning("%s: %s.trust_remote_code is true without %s.revision: the model repository's code runs "
+                           "as it is today; pin the commit you reviewed (revision: <sha>)", source, role, role)
     if not cfg.data.train:
         raise ConfigError(f"{source}: data.train is required")
     if not cfg.objectives:
@@ -402,6 +520,10 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
         for name in ("beta", "alpha"):
             if not 0.0 <= getattr(obj, name) <= 1.0:
                 raise ConfigError(f"{source}: objectives.{key}.{name} must be in [0, 1]")
+        if obj.divergence == "jsd" and obj.beta in (0.0, 1.0):
+            raise ConfigError(f"{source}: objectives.{key}.beta: {obj.beta} makes jsd identically zero here (M equals "
+                              f"one of the two distributions); TRL's GKD means beta 0 = forward KL and beta 1 = "
+                              f"reverse KL: write divergence: {'forward_kl' if obj.beta == 0 else 'reverse_kl'}")
         for name in ("layer_map", "encoder_layer_map", "decoder_layer_map"):
             problem = _layer_map_problem(getattr(obj, name), optional=name != "layer_map")
             if problem:
@@ -443,6 +565,7 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
         place = f"{source}:{line}" if line else source
         raise ConfigError(f"{place}: training.{unknown[0]}: not a transformers.TrainingArguments field"
                           + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
+    cfg.training = _check_training(cfg.training, lines or {}, source)
     if not cfg.training.get("output_dir"):
         raise ConfigError(f"{source}: training.output_dir is required")
     return cfg
@@ -462,16 +585,43 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = read_yaml(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    if "objectives" not in raw and any(a.strip().startswith("objectives.") for a in overrides):
+        # --set into the default objectives adjusts them; it must not replace them by the one term it names
+        raw["objectives"] = {name: {"weight": obj.weight} for name, obj in _default_objectives().items()}
     for assignment in overrides:
         _set_override(raw, assignment)
-    return config_from_dict(raw, str(path), _yaml_lines(text))
+    cfg = config_from_dict(raw, str(path), _yaml_lines(text))
+    _resolve_input_paths(cfg, path)
+    return cfg
+
+
+INPUT_PATHS = (("data", "train"), ("data", "eval"), ("student", "name_or_path"), ("student", "tokenizer"),
+               ("teacher", "name_or_path"), ("teacher", "tokenizer"))
+
+
+def _resolve_input_paths(cfg: "RunConfig", path: Path) -> None:
+    """Relative input paths (data files, model folders) are read from the current folder; one that is not there
+    but exists next to the config file is taken from there, so a config can be run from any folder. Hub ids,
+    outputs and paths that exist in neither place (written by an earlier step, or mistyped: reported when read)
+    are left as they are."""
+    from kdistill.data.records import looks_local
+
+    base = path.resolve().parent
+    for section, key in INPUT_PATHS:
+        holder = getattr(cfg, section)
+        value = getattr(holder, key)
+        if not value or Path(value).expanduser().is_absolute() or Path(value).exists():
+            continue
+        if (looks_local(value) or value.count("/") > 1) and (base / value).exists():
+            logger.info("%s: %s.%s %r read from beside the config: %s", path, section, key, value, base / value)
+            setattr(holder, key, str(base / value))
 
 
 def to_dict(cfg) -> dict:

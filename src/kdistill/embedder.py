@@ -16,6 +16,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from kdistill.errors import UserError
 from kdistill.pooling import POOLING_MODES, pool
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 KDISTILL_EMBEDDING_FILE = "kdistill_embedding.json"
 _ST_POOLING_KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
                     "eos": "pooling_mode_lasttoken"}
+_ST6_POOLING = {"mean": "mean", "cls": "cls", "lasttoken": "eos"}  # sentence-transformers 6 "pooling_mode" values
 
 
 class Embedder(torch.nn.Module):
@@ -137,7 +139,7 @@ class Embedder(torch.nn.Module):
         (then pooling defaults to mean, or eos for decoder LMs, which also get an appended EOS)."""
         from transformers import AutoModel, AutoTokenizer
 
-        settings = read_embedding_settings(path)
+        settings = read_embedding_settings(path, need_pooling=pooling is None)
         backbone = AutoModel.from_pretrained(path, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
@@ -158,8 +160,9 @@ def _is_decoder(backbone) -> bool:
         type(backbone).__name__.endswith(("Qwen2Model", "LlamaModel", "MistralModel", "GemmaModel", "PhiModel"))
 
 
-def read_embedding_settings(path: str | Path) -> dict:
-    """Pooling/normalize/max_length from a kdistill or sentence-transformers folder; {} for a plain model."""
+def read_embedding_settings(path: str | Path, need_pooling: bool = True) -> dict:
+    """Pooling/normalize/max_length from a kdistill or sentence-transformers folder; {} for a plain model. A pooling
+    kdistill does not have is an error, unless ``need_pooling`` is false (the caller chooses the pooling)."""
     path = Path(path)
     if (path / KDISTILL_EMBEDDING_FILE).exists():
         return json.loads((path / KDISTILL_EMBEDDING_FILE).read_text())
@@ -174,9 +177,14 @@ def read_embedding_settings(path: str | Path) -> dict:
                 for mode, key in _ST_POOLING_KEYS.items():
                     if cfg.get(key):
                         settings["pooling"] = mode
-                if "pooling" not in settings:
-                    raise ValueError(f"{path / module['path'] / 'config.json'}: unsupported pooling "
-                                     f"(kdistill supports {', '.join(POOLING_MODES)})")
+                if isinstance(cfg.get("pooling_mode"), str):  # sentence-transformers >= 6: one "pooling_mode" key
+                    mode = _ST6_POOLING.get(cfg["pooling_mode"])
+                    if mode:
+                        settings["pooling"] = mode
+                if "pooling" not in settings and need_pooling:
+                    found = cfg.get("pooling_mode") or [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+                    raise UserError(f"{path / module['path'] / 'config.json'}: pooling {found!r} is not supported "
+                                    f"(kdistill supports {', '.join(POOLING_MODES)}); pass --pooling to choose one")
     if (path / "sentence_bert_config.json").exists():
         settings["max_length"] = json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length")
     return {k: v for k, v in settings.items() if v is not None}

@@ -7,9 +7,14 @@ from pathlib import Path
 
 import torch
 
+from kdistill.data.records import looks_local
 from kdistill.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+class ModelUnavailableError(UserError, OSError):
+    """A model the user named that cannot be loaded or is not the kind of model the command needs."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,18 +30,37 @@ def _hf_kwargs(cfg) -> dict:
     return kwargs
 
 
-def is_encoder_decoder(name_or_path: str, **kwargs) -> bool:
+def pretrained_config(name_or_path: str, key: str = "name_or_path", **kwargs):
+    """`AutoConfig.from_pretrained`, with the failures a user can fix as one ModelUnavailableError naming `key`:
+    a local path that does not exist, a hub id that cannot be reached (offline) or does not exist."""
+    import os
+
     from transformers import AutoConfig
 
-    return bool(getattr(AutoConfig.from_pretrained(name_or_path, **kwargs), "is_encoder_decoder", False))
+    path = Path(os.path.expanduser(name_or_path))
+    if not path.exists() and (looks_local(name_or_path) or name_or_path.count("/") > 1):
+        raise ModelUnavailableError(f"{key}: {name_or_path!r}: no such local folder (resolved to "
+                                    f"{str(path.absolute())!r})")
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        hint = ("HF_HUB_OFFLINE is set, so only local folders and the hub cache are read; " if offline else "")
+        reason = " ".join(str(exc).split())[:240]
+        raise ModelUnavailableError(f"{key}: cannot load {name_or_path!r} ({reason}); {hint}give {key} a local "
+                                    f"model folder (written by save_pretrained) instead") from None
+
+
+def is_encoder_decoder(name_or_path: str, key: str = "name_or_path", **kwargs) -> bool:
+    return bool(getattr(pretrained_config(name_or_path, key, **kwargs), "is_encoder_decoder", False))
 
 
 def load_model(cfg, *, role: str = "student"):
     """Load a causal or seq2seq LM from a hub id or local folder, per a `ModelConfig`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     kwargs = _hf_kwargs(cfg)
-    config = AutoConfig.from_pretrained(cfg.name_or_path, **kwargs)
+    config = pretrained_config(cfg.name_or_path, f"{role}.name_or_path", **kwargs)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     if cfg.dtype != "auto":
         kwargs["dtype"] = _DTYPES[cfg.dtype]
@@ -44,7 +68,8 @@ def load_model(cfg, *, role: str = "student"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.device_map:
         if role != "teacher":
-            raise ValueError("device_map is for the teacher only; place the student with accelerate/TrainingArguments")
+            raise UserError(f"{role}.device_map: device_map is for the teacher only; place the student with "
+                            f"accelerate/TrainingArguments")
         kwargs["device_map"] = cfg.device_map
     model = cls.from_pretrained(cfg.name_or_path, **kwargs)
     logger.info("loaded %s %s (%s, %.1fM parameters)", role, cfg.name_or_path, cls.__name__,
@@ -52,13 +77,16 @@ def load_model(cfg, *, role: str = "student"):
     return model
 
 
-def load_tokenizer(cfg):
+def load_tokenizer(cfg, key: str = "name_or_path"):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, **_hf_kwargs(cfg))
+    source = cfg.tokenizer or cfg.name_or_path
+    if not cfg.tokenizer:
+        pretrained_config(source, key, **_hf_kwargs(cfg))  # a missing folder or an unreachable hub id, said once
+    tok = AutoTokenizer.from_pretrained(source, **_hf_kwargs(cfg))
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"tokenizer of {cfg.name_or_path} has neither a pad nor an eos token")
+            raise UserError(f"{key}: the tokenizer of {cfg.name_or_path} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -227,3 +255,16 @@ def shrink(model, layers: list[int], decoder_layers: list[int] | None = None):
         if isinstance(layer_types, list) and layer_types:
             config.layer_types = [layer_types[i] for i in first]
     return model
+
+
+GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+
+
+def require_generative(name_or_path: str, trust_remote_code: bool = False, option: str = "--model") -> None:
+    """Refuse a model whose config names no generative architecture (e.g. a sentence-embedding folder: loading it
+    as a causal LM would generate from a randomly initialised output layer)."""
+    config = pretrained_config(name_or_path, option, trust_remote_code=trust_remote_code)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(a.endswith(GENERATIVE_SUFFIXES) for a in architectures):
+        raise ModelUnavailableError(f"{option}: {name_or_path} is a {', '.join(architectures)} (no language-model "
+                                    f"head), not a generative model; generation needs a causal or seq2seq LM")

@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
-from kdistill.config import RunConfig, save_config
-from kdistill.data import DataCollatorForDistillation, encode_examples, load_examples
+from kdistill.config import ConfigError, RunConfig, save_config, to_dict
+from kdistill.data import LM_FORMATS, DataCollatorForDistillation, DataValidationError, encode_examples, load_examples
 from kdistill.data.collators import TextFieldCollator, ViewCollator
 from kdistill.models import (_DTYPES, apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size,
                              load_model, load_tokenizer, save_student, shrink)
 from kdistill.objectives import build_objectives
+from kdistill.paths import check_output_dir
+from kdistill.provenance import (FingerprintCallback, check_resume, clear_checkpoints, config_fingerprint,
+                                 data_fingerprint)
 from kdistill.trainer import DistillTrainer, without_objective_parts
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,11 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         return _load_stepbystep_split(cfg, tokenizer, source, limit, encoder_decoder)
     loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
                            limit=limit, option=_data_key(cfg, source), subset=cfg.data.subset)
+    wrong = [ex for ex in loaded.examples if ex.kind not in LM_FORMATS]
+    if wrong:
+        raise DataValidationError([f"{wrong[0].source}: a {wrong[0].kind} row cannot train a language model "
+                                   f"({len(wrong)} such row(s)); LM runs need alpaca, prompt/completion or messages "
+                                   f"rows (embedding rows go with task: embedding)"])
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
     if _uses_triplets(cfg):
@@ -79,7 +87,9 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         logger.warning("%s: dropped %d row(s) whose response was cut away entirely by max_length=%d", source,
                        stats.dropped_no_target, cfg.data.max_length)
     if not rows:
-        raise ValueError(f"{source}: no usable examples after validation and truncation")
+        raise DataValidationError([f"{source}: no usable example is left: {len(loaded.examples)} valid row(s), "
+                                   f"{stats.dropped_no_target} of them with no response token left after "
+                                   f"data.max_length={cfg.data.max_length} (raise it)"])
     return ListDataset(rows, stats.sources or None), report
 
 
@@ -98,8 +108,9 @@ def _encode_with_triplets(cfg: RunConfig, examples, tokenizer, source, split, en
                                                       option=_data_key(cfg, source), subset=cfg.data.subset).examples}
     missing = [ex.source for ex in examples if ex.source not in triplets]
     if missing:
-        raise ValueError(f"{missing[0]}: the triplet objective needs consensus/supporting/refuting (or "
-                         f"anchor/positive/negative) fields on every row ({len(missing)} row(s) lack them)")
+        raise DataValidationError([f"{missing[0]}: the triplet objective needs consensus/supporting/refuting (or "
+                                   f"anchor/positive/negative) fields on every row ({len(missing)} row(s) lack "
+                                   f"them)"])
     rows, total = [], EncodeStats(total=0, truncated=0, dropped_no_target=0)
     kept = []
     for ex in examples:
@@ -165,8 +176,8 @@ def _load_stepbystep_split(cfg: RunConfig, tokenizer, source: str, limit, encode
             row["rationale_labels"] = [-100] * len(row["labels"])
         rows.append(row)
     if not rows:
-        raise ValueError(f"{source}: no usable examples: all {dropped} lost their target to truncation at "
-                         f"data.max_length={cfg.data.max_length}; raise it")
+        raise DataValidationError([f"{source}: no usable examples: all {dropped} lost their target to truncation "
+                                   f"at data.max_length={cfg.data.max_length}; raise it"])
     return ListDataset(rows), DataReport(source=source, examples=len(rows), truncated=truncated,
                                          dropped_no_target=dropped)
 
@@ -228,17 +239,21 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     set_seed(cfg.seed)
     if cfg.task == "embedding":
         return _prepare_embedding(cfg, callbacks)
-    tokenizer = load_tokenizer(cfg.student)
+    tokenizer = load_tokenizer(cfg.student, "student.name_or_path")
     cached = bool(cfg.cache.dir)  # teacher signals come from a top-k cache: no teacher model is loaded
     has_teacher = bool(cfg.teacher.name_or_path) and not cached
-    encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, trust_remote_code=cfg.student.trust_remote_code)
+    encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, "student.name_or_path",
+                                         trust_remote_code=cfg.student.trust_remote_code)
     if has_teacher:
-        teacher_encdec = is_encoder_decoder(cfg.teacher.name_or_path,
+        teacher_encdec = is_encoder_decoder(cfg.teacher.name_or_path, "teacher.name_or_path",
                                             trust_remote_code=cfg.teacher.trust_remote_code)
         if teacher_encdec != encoder_decoder:
-            raise ValueError("teacher and student must both be causal LMs or both encoder-decoder LMs "
-                             f"(teacher encoder-decoder: {teacher_encdec}, student: {encoder_decoder})")
-        compare_tokenizers(load_tokenizer(cfg.teacher), tokenizer)
+            kinds = {True: "an encoder-decoder LM", False: "a causal LM"}
+            raise ConfigError(f"teacher.name_or_path: {cfg.teacher.name_or_path} is {kinds[teacher_encdec]} but "
+                              f"student.name_or_path: {cfg.student.name_or_path} is {kinds[encoder_decoder]}; logit "
+                              f"KD needs both of one kind (sequence-level KD on the teacher's answers does not: "
+                              f"kdistill annotate --task output, then train with ce only)")
+        compare_tokenizers(load_tokenizer(cfg.teacher, "teacher.name_or_path"), tokenizer)
 
     train_ds, train_report = load_split(cfg, tokenizer, cfg.data.train, cfg.data.split, cfg.data.limit,
                                          encoder_decoder)
@@ -258,8 +273,8 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     if any((o.type or name) == "attention" for name, o in cfg.objectives.items()):
         for role, model_cfg in (("student", cfg.student), ("teacher", cfg.teacher)):
             if model_cfg.attn_implementation not in (None, "eager"):
-                raise ValueError(f"{role}.attn_implementation is {model_cfg.attn_implementation!r}, but the "
-                                 "attention objective needs attention weights, which only eager attention returns")
+                raise ConfigError(f"{role}.attn_implementation is {model_cfg.attn_implementation!r}, but the "
+                                  "attention objective needs attention weights, which only eager attention returns")
             model_cfg.attn_implementation = "eager"
     student = load_model(cfg.student, role="student")
     if cfg.student.layers:
@@ -342,7 +357,8 @@ def _load_embedding_split(cfg, source, split, limit, tokenizer, append_eos):
                            limit=limit, option=_data_key(cfg, source), subset=cfg.data.subset)
     wrong = sorted({ex.kind for ex in loaded.examples} - set(EMBEDDING_KINDS))
     if wrong:
-        raise ValueError(f"{source}: task embedding needs triplet, pair_score or sentence rows, found {wrong}")
+        raise DataValidationError([f"{source}: task embedding needs triplet, pair_score or sentence rows, found "
+                                   f"{wrong}"])
     rows = encode_embedding_examples(loaded.examples, tokenizer, max_length=cfg.embedding.max_length,
                                      append_eos=append_eos)
     report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped))
@@ -377,6 +393,13 @@ def _prepare_embedding(cfg: RunConfig, callbacks) -> Prepared:
                     data=[report])
 
 
+def _encoded_rows(dataset) -> list[dict]:
+    """The token rows of a training dataset (a cached one wraps its encoded dataset)."""
+    while not hasattr(dataset, "rows") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset.rows
+
+
 def _last_checkpoint(output_dir: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -386,14 +409,28 @@ def _last_checkpoint(output_dir: str) -> str | None:
 def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = True) -> dict:
     """Train, save student + tokenizer + resolved config in `training.output_dir`, return a summary.
 
-    With `resume` (default), a run whose output_dir holds a `checkpoint-*` folder continues from the newest one.
+    With `resume` (default), a run whose output_dir holds a `checkpoint-*` folder continues from the newest one,
+    if that checkpoint was written by a run with the same settings and data (`kdistill.provenance`); otherwise it is
+    refused with the differences named. Without `resume`, old checkpoints are deleted first.
     """
+    check_output_dir(cfg.training["output_dir"], "training.output_dir")
+    fingerprint = {"config": config_fingerprint(to_dict(cfg))}
+    checkpoint = None
+    if not resume:
+        if int(os.environ.get("RANK", "0")) == 0:
+            clear_checkpoints(cfg.training["output_dir"])
+    else:
+        checkpoint = _last_checkpoint(cfg.training["output_dir"])
+        if checkpoint:
+            check_resume(checkpoint, fingerprint)  # settings first: before any model loads
     prepared = prepare(cfg, callbacks)
     trainer = prepared.trainer
     output_dir = trainer.args.output_dir
-    checkpoint = _last_checkpoint(output_dir) if resume else None
+    fingerprint["data"] = data_fingerprint(_encoded_rows(trainer.train_dataset))
     if checkpoint:
+        check_resume(checkpoint, fingerprint)
         logger.info("resuming from %s", checkpoint)
+    trainer.add_callback(FingerprintCallback(fingerprint))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():
         if cfg.task == "embedding":

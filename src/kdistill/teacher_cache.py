@@ -30,6 +30,7 @@ import torch
 
 from kdistill.errors import UserError
 from kdistill.losses.chunked import resolve_chunk_size
+from kdistill.paths import check_output_dir, free_bytes
 from kdistill.topk_store import TopKCodec, TopKStore, TopKStoreWriter, reconstruction_kl
 
 logger = logging.getLogger(__name__)
@@ -98,14 +99,17 @@ def build_cache(cfg, progress: bool = True) -> dict[str, dict[str, Any]]:
         raise ConfigError("cache.dir is not set: where should the cache be written?")
     if not cfg.teacher.name_or_path:
         raise ConfigError("teacher.name_or_path is required to write a cache")
-    tokenizer = load_tokenizer(cfg.student)
-    compare_tokenizers(load_tokenizer(cfg.teacher), tokenizer)
-    encoder_decoder = is_encoder_decoder(cfg.teacher.name_or_path, trust_remote_code=cfg.teacher.trust_remote_code)
+    check_output_dir(cfg.cache.dir, "cache.dir")
+    tokenizer = load_tokenizer(cfg.student, "student.name_or_path")
+    compare_tokenizers(load_tokenizer(cfg.teacher, "teacher.name_or_path"), tokenizer)
+    encoder_decoder = is_encoder_decoder(cfg.teacher.name_or_path, "teacher.name_or_path",
+                                         trust_remote_code=cfg.teacher.trust_remote_code)
     splits = [("train", cfg.data.train, cfg.data.split, cfg.data.limit)]
     if cfg.data.eval:
         splits.append(("eval", cfg.data.eval, cfg.data.eval_split, cfg.data.eval_limit))
     datasets = {name: load_split(cfg, tokenizer, source, split, limit, encoder_decoder)[0]
                 for name, source, split, limit in splits}  # every row validated before the teacher loads
+    _warn_if_short_of_space(cfg, datasets)
     teacher = load_model(cfg.teacher, role="teacher")
     teacher.eval().requires_grad_(False)
     if getattr(teacher, "hf_device_map", None) is None:
@@ -116,6 +120,18 @@ def build_cache(cfg, progress: bool = True) -> dict[str, dict[str, Any]]:
         out[name] = _cache_split(cfg, teacher, tokenizer, datasets[name], name, source, encoder_decoder, vocab,
                                  progress)
     return out
+
+
+def _warn_if_short_of_space(cfg, datasets) -> None:
+    """Log a warning when the cache's estimated size (trained tokens x record bytes, ids at 18 bits: enough for a
+    262,144-entry vocabulary) exceeds the free space under cache.dir."""
+    tokens = sum(sum(1 for t in row["labels"] if t != -100) for ds in datasets.values() for row in ds.rows)
+    needed = tokens * math.ceil(cfg.cache.k * (18 + cfg.cache.logprob_bits) / 8)
+    free = free_bytes(cfg.cache.dir)
+    if needed > free:
+        logger.warning("cache.dir %s: the cache needs about %.1f GiB (%d trained tokens x k=%d) but only %.1f GiB are "
+                       "free there; it will stop when the disk is full (and resume once space is made)",
+                       cfg.cache.dir, needed / 2**30, tokens, cfg.cache.k, free / 2**30)
 
 
 def _cache_split(cfg, teacher, tokenizer, dataset, split, source, encoder_decoder, vocab, progress):

@@ -56,6 +56,19 @@ class ChatError(RuntimeError):
         self.fatal = fatal
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error, never followed: following it would send the API key (and the prompt) to whatever
+    host the server names, and turn the POST into a GET whose reply is no completion."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise ChatError(f"{req.full_url} answered HTTP {code}, a redirect to {newurl}; kdistill does not follow "
+                        f"redirects (the API key would go along): use the final address as --base-url",
+                        status=code, fatal=True)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 class _Retryable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None, status: int | None = None):
         super().__init__(reason)
@@ -220,7 +233,7 @@ class ChatClient:
         if self.api_key_env and os.environ.get(self.api_key_env):
             request.add_header("Authorization", "Bearer " + os.environ[self.api_key_env])
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _NO_REDIRECTS.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             status = exc.code

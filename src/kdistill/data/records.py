@@ -167,9 +167,9 @@ def _type_name(value: Any) -> str:
 def _detect_format(row: Mapping) -> str | None:
     if "messages" in row:
         return "messages"
-    if "instruction" in row and "output" in row:
+    if "instruction" in row:  # an Alpaca row; without "output" it is reported as missing that field
         return "alpaca"
-    if "prompt" in row and "completion" in row:
+    if "prompt" in row:
         return "prompt_completion"
     for kind, keys in _DETECT_KEYS:
         if any(key in row for key in keys):
@@ -194,7 +194,7 @@ def _string_field(row: Mapping, name: str, problems: list[str], fmt: str, *, req
     return value
 
 
-def _check_messages(row: Mapping, problems: list[str]) -> list[dict] | None:
+def _check_messages(row: Mapping, problems: list[str], require_response: bool = True) -> list[dict] | None:
     if "messages" not in row:
         problems.append("missing required field 'messages' (format 'messages')")
         return None
@@ -234,11 +234,18 @@ def _check_messages(row: Mapping, problems: list[str]) -> list[dict] | None:
             clean.append({"role": role, "content": content})
     if not well_formed:
         return None
+    if not require_response:
+        if clean[-1]["role"] == "assistant" and not any(m["role"] == "user" for m in clean):
+            problems.append("messages has no user turn to answer")
+            return None
+        return clean
     if not any(m["role"] == "assistant" for m in clean):
-        problems.append("messages has no assistant message (nothing to train on)")
+        problems.append("messages has no assistant message (nothing to train on; a chat row must end with the "
+                        "assistant's answer)")
         return None
     if clean[-1]["role"] != "assistant":
-        problems.append(f"last message must be from the assistant, found role {clean[-1]['role']!r}")
+        problems.append(f"last message must be the assistant's answer (the one that is trained), found role "
+                        f"{clean[-1]['role']!r}")
         return None
     return clean
 
@@ -317,8 +324,10 @@ def _check_embedding_row(row: Mapping, kind: str, problems: list[str]) -> dict |
     return fields
 
 
-def _check_row(row: Any, fmt: str) -> tuple[str | None, dict | None, list[str]]:
-    """Validate one row. Returns ``(kind, fields, problems)``; kind/fields are None when invalid."""
+def _check_row(row: Any, fmt: str, require_response: bool = True) -> tuple[str | None, dict | None, list[str]]:
+    """Validate one row. Returns ``(kind, fields, problems)``; kind/fields are None when invalid. With
+    ``require_response=False`` (prompt-only data: generation, on-policy) LM rows may lack their answer: an alpaca
+    ``output`` / a ``completion`` defaults to "", and a chat may end with a user turn."""
     problems: list[str] = []
     if not isinstance(row, Mapping):
         return None, None, [f"row is not a JSON object (found {_type_name(row)})"]
@@ -329,14 +338,16 @@ def _check_row(row: Any, fmt: str) -> tuple[str | None, dict | None, list[str]]:
     if kind == "alpaca":
         instruction = _string_field(row, "instruction", problems, kind)
         inp = _string_field(row, "input", problems, kind, required=False, default="")
-        output = _string_field(row, "output", problems, kind, nonblank=True)
+        output = _string_field(row, "output", problems, kind, nonblank=require_response,
+                               required=require_response, default="")
         fields = {"instruction": instruction, "input": inp, "output": output}
     elif kind == "prompt_completion":
         prompt = _string_field(row, "prompt", problems, kind)
-        completion = _string_field(row, "completion", problems, kind, nonblank=True)
+        completion = _string_field(row, "completion", problems, kind, nonblank=require_response,
+                                   required=require_response, default="")
         fields = {"prompt": prompt, "completion": completion}
     elif kind == "messages":
-        fields = {"messages": _check_messages(row, problems)}
+        fields = {"messages": _check_messages(row, problems, require_response)}
     else:
         fields = _check_embedding_row(row, kind, problems)
     if problems:
@@ -350,14 +361,14 @@ def _check_format_arg(format: str) -> None:
 
 
 def _collect(rows: Iterable[tuple[str, Any]], fmt: str, skip_invalid: bool, limit: int | None,
-             preliminary: list[str] | None = None) -> LoadedData:
+             preliminary: list[str] | None = None, require_response: bool = True) -> LoadedData:
     """Validate ``(location, row)`` pairs; raise or skip according to ``skip_invalid``."""
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     examples: list[Example] = []
     messages: list[str] = []
     for location, row in rows:
-        kind, fields, row_problems = _check_row(row, fmt)
+        kind, fields, row_problems = _check_row(row, fmt, require_response)
         if row_problems:
             messages.append(f"{location}: {'; '.join(row_problems)}")
         else:
@@ -506,7 +517,7 @@ def looks_local(source: str) -> bool:
 
 
 def load_rows(rows: Iterable[Mapping], name: str, format: str = "auto", skip_invalid: bool = False,
-              limit: int | None = None) -> LoadedData:
+              limit: int | None = None, require_response: bool = True) -> LoadedData:
     """Validate in-memory rows (e.g. from a ``datasets.Dataset``) into examples.
 
     Each row is located as ``f"{name}:row {i}"`` (``i`` 0-based). Keys whose value is ``None`` are
@@ -520,14 +531,15 @@ def load_rows(rows: Iterable[Mapping], name: str, format: str = "auto", skip_inv
                 row = {k: v for k, v in row.items() if v is not None}
             yield f"{name}:row {i}", row
 
-    data = _collect(located(), format, skip_invalid, limit)
+    data = _collect(located(), format, skip_invalid, limit, require_response=require_response)
     if not data.examples and not data.skipped:
         raise DataValidationError([f"{name}: dataset contains no rows"])
     return data
 
 
 def load_examples(source: str, format: str = "auto", split: str = "train", skip_invalid: bool = False,
-                  limit: int | None = None, option: str | None = None, subset: str | None = None) -> LoadedData:
+                  limit: int | None = None, option: str | None = None, subset: str | None = None,
+                  require_response: bool = True) -> LoadedData:
     """Load and validate a whole data source.
 
     ``source``: a local ``.jsonl`` / ``.json`` file, or (when it is not an existing file) a Hugging Face
@@ -541,17 +553,20 @@ def load_examples(source: str, format: str = "auto", split: str = "train", skip_
     ``option``: the flag or config key that names ``source`` (e.g. ``"data.train"``); a hub id that cannot be
     loaded (offline, unreachable, unknown) raises :class:`~kdistill.errors.HubUnavailableError` naming it.
     ``subset``: the hub dataset's configuration name, if it has several (``load_dataset(source, subset)``).
+    ``require_response=False`` accepts prompt-only LM rows (see ``_check_row``).
     """
     _check_format_arg(format)
     source = os.fspath(source)
     path = Path(source).expanduser()
     if path.is_file():
         rows, parse_errors = _read_rows(path)
-        return _collect(rows, format, skip_invalid, limit, preliminary=parse_errors)
+        return _collect(rows, format, skip_invalid, limit, preliminary=parse_errors,
+                        require_response=require_response)
     if path.is_dir() or not looks_local(source):
         dataset = load_hub_dataset(source, split, option, subset)
         name = f"{source}[{subset}:{split}]" if subset else f"{source}[{split}]"
-        return load_rows(dataset, name, format=format, skip_invalid=skip_invalid, limit=limit)
+        return load_rows(dataset, name, format=format, skip_invalid=skip_invalid, limit=limit,
+                         require_response=require_response)
     raise MissingFileError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r}); "
                             f"it looks like a local path, so it was not looked up on the Hugging Face hub")
 
@@ -567,8 +582,8 @@ def _by_line(messages: list[str]) -> list[str]:
 
 
 def load_hub_dataset(source: str, split: str, option: str | None = None, subset: str | None = None):
-    """``datasets.load_dataset(source, [subset,] split=split)`` (a hub id or a local dataset folder), with the failures a user
-    can fix as one :class:`~kdistill.errors.HubUnavailableError` that names ``option``, the flag or config key that
+    """``datasets.load_dataset(source, [subset,] split=split)`` (a hub id or a local dataset folder), with the
+    failures a user can fix as one :class:`~kdistill.errors.HubUnavailableError` that names ``option``, the flag or config key that
     takes a local .jsonl/.json file instead."""
     import datasets
 

@@ -389,6 +389,11 @@ def evaluate_classification(model, tokenizer, task: Task, scorer: str = "loglik"
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if examples is None:  # the data first: a bad file or an unreachable hub id fails before a model loads
         examples = task.load(data, limit=limit, split=split)
+        if not examples:
+            excluded = ", ".join(f"{k}: {v}" for k, v in examples.excluded.items()) or "the file is empty"
+            raise UserError(f"{data or task.default_data}: no row gives a {task.name} example (left out: {excluded}; "
+                            f"each row needs {', '.join(repr(f) for f in task.text_fields)} and a "
+                            f"{task.label_field!r} in {', '.join(task.labels)})")
     model, tokenizer = _load(model, tokenizer)
     excluded = dict(getattr(examples, "excluded", {}) or {})
     examples = list(examples)[:limit] if limit is not None else list(examples)
@@ -459,7 +464,9 @@ def add_parser(eval_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=16, help="generate scorer")
-    p.add_argument("--out", default="results.json")
+    p.add_argument("--out", default=None, help="result JSON (default: classify_<task>.json)")
+    p.add_argument("--max-invalid-fraction", type=float, default=0.5,
+                   help="exit 1 when more than this fraction of answers is invalid (generate scorer)")
     p.set_defaults(eval_func=run_cli)
     return p
 
@@ -483,8 +490,13 @@ def run_cli(args) -> int:
         return 2
     result["model"] = str(args.model)
     print(format_table(result))
-    out = Path(args.out)
+    out = Path(args.out or f"classify_{task.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {out}")
+    if result["invalid"] > args.max_invalid_fraction * result["n"]:
+        print(f"kdistill eval classify: error: {result['invalid']} of {result['n']} answers name no label "
+              f"(more than --max-invalid-fraction {args.max_invalid_fraction}); the accuracy is not meaningful",
+              file=sys.stderr)
+        return 1
     return 0

@@ -40,6 +40,8 @@ from pathlib import Path
 # Private helpers of kdistill.annotate reused on purpose: the append-only writer (one os.write per line,
 # O_APPEND, fsync) and the tolerant record reader.
 from kdistill.annotate import _Writer, load_annotations  # noqa: F401  (_Writer is private)
+from kdistill.errors import UserError
+from kdistill.models import require_generative
 
 __all__ = ["GenerateSummary", "add_parser", "generate_file", "generation_key", "main", "row_fields", "run_cli"]
 
@@ -102,6 +104,15 @@ def generation_key(fields: dict, occurrence: int, model: str, params: dict, prom
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def _refuse_other_writers(records, out_path, model: str, params: dict) -> None:
+    """An answers file holds one model's answers under one set of generation parameters: appending another's
+    would silently mix two systems in one evaluation."""
+    for record in records:
+        if record.get("model") != model or record.get("params") != params:
+            raise UserError(f"{out_path}: already holds answers of model {record.get('model')!r} with parameters "
+                            f"{record.get('params')!r}, not {model!r} with {params!r}; write to another --out file")
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -123,7 +134,9 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    examples = load_examples(os.fspath(data), limit=limit).examples
+    examples = load_examples(os.fspath(data), limit=limit, require_response=False, option="--data").examples
+    if isinstance(model_path_or_model, (str, os.PathLike)):
+        require_generative(os.fspath(model_path_or_model))
     gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     if isinstance(model_path_or_model, LocalTeacher):
         teacher = model_path_or_model
@@ -146,7 +159,9 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
         seen[content] = occurrence + 1
         jobs.append((generation_key(fields, occurrence, teacher.id, params, prompt), fields, prompt, example.source))
 
-    done = set(load_annotations(out_path))
+    existing = load_annotations(out_path)
+    _refuse_other_writers(existing.values(), out_path, teacher.id, params)
+    done = set(existing)
     summary = GenerateSummary(total=len(jobs), out_path=str(out_path))
     todo = [job for job in jobs if job[0] not in done]
     summary.skipped = len(jobs) - len(todo)
@@ -208,7 +223,7 @@ def run_cli(args) -> int:
                                 batch_size=args.batch_size, limit=args.limit,
                                 chat_template=not args.no_chat_template, progress=not args.no_progress,
                                 dtype=getattr(args, "dtype", None))
-    except (DataValidationError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
+    except (UserError, DataValidationError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
         print(f"kdistill generate: error: {exc}", file=sys.stderr)
         return 2
     print(summary)

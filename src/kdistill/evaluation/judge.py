@@ -40,6 +40,7 @@ judgement invalid (the template asks for integers, and a half point means the fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,7 +57,7 @@ from typing import Any, Callable
 
 # Private helper of kdistill.annotate reused on purpose: the append-only writer.
 from kdistill.annotate import _Writer, load_annotations
-from kdistill.errors import MissingFileError
+from kdistill.errors import MissingFileError, UserError
 
 __all__ = ["DIMENSIONS", "JUDGE_TEMPLATE", "PAIRWISE_TEMPLATE", "JudgeSummary", "PairwiseSummary", "add_parser",
            "judge_file", "judge_pairwise", "load_answers", "main", "parse_judgement", "parse_verdict", "run_cli"]
@@ -212,16 +213,41 @@ def load_answers(path) -> list[dict]:
     if not path.is_file():
         raise MissingFileError(f"answers file not found: {str(path)!r}")
     rows = []
-    for record in load_annotations(path).values():
+    records = load_annotations(path)
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    unreadable = len(lines) - sum(1 for line in lines if _is_record(line))
+    if unreadable and records:
+        print(f"note: {path}: {unreadable} unreadable line(s) skipped (cut short by a killed run; a resumed "
+              f"kdistill generate rewrites those rows), {len(records)} record(s) read", file=sys.stderr)
+    for record in records.values():
         if record.get("status") != "ok" or "generate_output" not in record:
             continue
         rows.append(record)
+    if not rows:
+        raise UserError(f"{path}: no answers to judge: {len(lines)} non-empty line(s), {len(records)} record(s) of "
+                        f"kdistill generate, none with status ok and a generate_output (write answers with kdistill "
+                        f"generate --model M --data TEST --out {path.name})")
     return rows
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _key(payload: dict) -> str:
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _refuse_other_judges(records, out_path, judge: str, mode: str) -> None:
+    """A judgement file holds one judge's verdicts of one mode; mixing in another's would average two judges."""
+    for record in records:
+        if record.get("judge") != judge or record.get("mode") != mode:
+            raise UserError(f"{out_path}: already holds {record.get('mode')} judgements by {record.get('judge')!r}, "
+                            f"not {mode} judgements by {judge!r}; write to another --out file")
 
 
 def _now() -> str:
@@ -353,6 +379,7 @@ def judge_file(answers_path, out_path, client, model_name: str | None = None, te
         jobs.append((key, row.get("key"), content, prompt))
 
     existing = load_annotations(out_path)
+    _refuse_other_judges(existing.values(), out_path, judge, "score")
     unique = {job[0]: job for job in jobs}
     todo = [job for key, job in unique.items()
             if key not in existing or existing[key]["status"] == "failed"]
@@ -446,6 +473,7 @@ def judge_pairwise(answers_a, answers_b, out_path, client, model_name: str | Non
         jobs.append((key, instruction, inp, a, b, prompts))
 
     existing = load_annotations(out_path)
+    _refuse_other_judges(existing.values(), out_path, judge, "pairwise")
     todo = [job for job in jobs if job[0] not in existing or existing[job[0]]["status"] == "failed"]
 
     def work(job) -> dict:
@@ -533,6 +561,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _write_summary(summary, path: Path, **about) -> None:
+    """The judgement's numbers as JSON beside its JSONL (``<out>.json``), where ``kdistill report`` finds them."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**dataclasses.asdict(summary), **about}, indent=2, default=str) + "\n",
+                   encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 def run_cli(args) -> int:
     """Run ``judge``. Prints per answers file the mean of each dimension and valid/total (pairwise: the win
     rate of A and wins/ties/losses). Exit code 0, 1 when some judgement is invalid, 2 on an error."""
@@ -554,6 +591,7 @@ def run_cli(args) -> int:
                                      max_invalid_retries=args.max_invalid_retries, concurrency=args.concurrency,
                                      progress=progress)
             print(summary)
+            _write_summary(summary, Path(out).with_suffix(".json"), answers=[a, b], judge=client.id)
             invalid += summary.invalid
         else:
             dims = [d.strip() for d in args.dimensions.split(",") if d.strip()] if args.dimensions else DIMENSIONS
@@ -563,8 +601,9 @@ def run_cli(args) -> int:
                                      max_invalid_retries=args.max_invalid_retries, concurrency=args.concurrency,
                                      progress=progress)
                 print(summary)
+                _write_summary(summary, Path(out).with_suffix(".json"), answers=[answers], judge=client.id)
                 invalid += summary.invalid
-    except (ChatError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
+    except (UserError, ChatError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
         print(f"kdistill judge: error: {exc}", file=sys.stderr)
         return 2
     return 1 if invalid else 0

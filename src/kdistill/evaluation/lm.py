@@ -188,7 +188,7 @@ def add_parser(eval_subparsers) -> None:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="First N examples only")
-    p.add_argument("--out", default="results.json", help="Where to write the JSON results")
+    p.add_argument("--out", default="eval_lm.json", help="Where to write the JSON results (default: eval_lm.json)")
     p.set_defaults(eval_func=run_cli)
 
 
