@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from kdistill.errors import UserError
+
 from chat_server import ChatServer, Reply
 from kdistill.annotate import (
     AnnotationAborted,
@@ -478,8 +480,12 @@ def test_local_teacher_annotate_output_and_export(tiny_models, tmp_path):
     assert export(out, tmp_path / "msgs.jsonl", format="messages") == 12
     assert _jsonl(tmp_path / "msgs.jsonl")[0]["messages"][-1]["role"] == "assistant"
 
+    # other generation parameters: one file holds one configuration, so appending to it is refused (#12)
     changed = LocalTeacher(model, tokenizer=tokenizer, batch_size=5, max_new_tokens=6, teacher_id="tiny-causal")
-    assert annotate(rows[:3], changed, "output", out, progress=False).done == 3  # new params -> new keys
+    with pytest.raises(UserError, match="another teacher, task or generation parameters"):
+        annotate(rows[:3], changed, "output", out, progress=False)
+    assert len(_jsonl(out)) == 12
+    assert annotate(rows[:3], changed, "output", tmp_path / "other.jsonl", progress=False).done == 3
 
 
 def test_local_t5_teacher_annotates(tiny_models, tmp_path):

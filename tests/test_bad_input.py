@@ -174,7 +174,8 @@ def _(tmp, m):
     return ["train", str(_config(tmp, m, data={"train": str(rows)}))], [tmp / "out"]
 
 
-@case("chat-row-ending-with-the-user", "chat.jsonl:1:", "last message must be the assistant's answer")
+@case("chat-row-ending-with-the-user", "chat.jsonl:1:", "last message must be from the assistant",
+      "the assistant's answer")
 def _(tmp, m):
     rows = _jsonl(tmp / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                      {"role": "assistant", "content": "hello"},

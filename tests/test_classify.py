@@ -202,6 +202,11 @@ def test_generate_counts_garbage_as_invalid(tiny_models):
     assert sum(map(sum, res["confusion_matrix"])) == 6 - res["invalid"]
 
 
+def hate_args_list(tiny_models, tmp_path) -> list[str]:
+    return ["classify", "--model", tiny_models["causal"], "--task", "custom", "--data", str(HATE), "--labels",
+            "hate,noHate", "--limit", "4", "--scorer", "generate", "--out", str(tmp_path / "h.json")]
+
+
 def test_run_cli_writes_json_and_table(tiny_models, tmp_path, capsys):
     if not CLIMATE.is_file():
         pytest.skip("shared data not found")
@@ -219,8 +224,11 @@ def test_run_cli_writes_json_and_table(tiny_models, tmp_path, capsys):
     assert result["task"] == "climate_fever" and result["n"] == 12 and result["scorer"] == "loglik"
     assert len(result["confusion_matrix"]) == 2 and result["invalid"] == 0
 
-    hate_args = parser.parse_args(["classify", "--model", tiny_models["causal"], "--task", "custom",
-                                   "--data", str(HATE), "--labels", "hate,noHate", "--limit", "4",
-                                   "--scorer", "generate", "--out", str(tmp_path / "h.json")])
-    assert run_cli(hate_args) == 0
-    assert json.loads((tmp_path / "h.json").read_text())["n"] == 4
+    hate_args = parser.parse_args(hate_args_list(tiny_models, tmp_path))
+    code = run_cli(hate_args)
+    result = json.loads((tmp_path / "h.json").read_text())  # written in any case
+    assert result["n"] == 4
+    # the tiny model's answers name no label: more invalid than --max-invalid-fraction (0.5) exits 1 (#12)
+    assert code == (1 if result["invalid"] > 2 else 0)
+    lenient = parser.parse_args([*hate_args_list(tiny_models, tmp_path), "--max-invalid-fraction", "1.0"])
+    assert run_cli(lenient) == 0

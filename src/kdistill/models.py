@@ -81,8 +81,8 @@ def load_tokenizer(cfg, key: str = "name_or_path"):
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
-    if not cfg.tokenizer:
-        pretrained_config(source, key, **_hf_kwargs(cfg))  # a missing folder or an unreachable hub id, said once
+    if not Path(source).expanduser().is_dir():  # a missing folder or an unreachable hub id: said in one line
+        pretrained_config(source, key, **_hf_kwargs(cfg))
     tok = AutoTokenizer.from_pretrained(source, **_hf_kwargs(cfg))
     if tok.pad_token is None:
         if tok.eos_token is None:

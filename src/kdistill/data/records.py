@@ -244,8 +244,8 @@ def _check_messages(row: Mapping, problems: list[str], require_response: bool = 
                         "assistant's answer)")
         return None
     if clean[-1]["role"] != "assistant":
-        problems.append(f"last message must be the assistant's answer (the one that is trained), found role "
-                        f"{clean[-1]['role']!r}")
+        problems.append(f"last message must be from the assistant, found role {clean[-1]['role']!r} (a chat row "
+                        f"ends with the assistant's answer, the turn that is trained)")
         return None
     return clean
 
