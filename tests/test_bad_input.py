@@ -566,3 +566,72 @@ def test_generate_accepts_prompt_only_rows(models, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["reference_output"] for r in records] == ["", "", ""]
     assert all(r["status"] == "ok" and isinstance(r["generate_output"], str) for r in records)
+
+
+def test_an_unreachable_hub_fails_at_once_and_switches_to_the_cache(monkeypatch):
+    """Without HF_HUB_OFFLINE, one short connection decides; unreachable -> offline mode, one-line error."""
+    import socket
+    import time
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    import kdistill.hub as hub
+    from kdistill.models import ModelUnavailableError, pretrained_config
+
+    probes = []
+
+    def refuse(address, timeout=None):
+        probes.append((address, timeout))
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_state", {})
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError, match="cannot reach huggingface.co:443") as info:
+        pretrained_config("no-such-org/no-such-model", "student.name_or_path")
+    assert time.monotonic() - start < 20 and "give student.name_or_path a local model folder" in str(info.value)
+    assert probes == [(("huggingface.co", 443), 3.0)]
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE  # the rest of the run reads the cache
+    assert hub.offline_reason().startswith("cannot reach") and len(probes) == 1  # checked once per process
+
+
+@pytest.mark.slow
+def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(models, tmp_path):
+    """SIGKILL a real `kdistill train` after its first checkpoint, rerun the same command: same steps, and the
+    same student as a run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    def command(out):
+        path = _config(tmp_path, models, training={"output_dir": str(out), "max_steps": 12, "save_strategy": "steps",
+                                                   "save_steps": 3, "logging_steps": 3, "seed": 0})
+        return [sys.executable, "-m", "kdistill.cli", "train", str(path)]
+
+    straight = tmp_path / "straight"
+    assert subprocess.run(command(straight), capture_output=True, timeout=600).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (killed / "checkpoint-3" / "kdistill_fingerprint.json").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (killed / "kdistill_summary.json").exists(), "the run finished before it could be killed"
+    rerun = subprocess.run(command(killed), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads((killed / "kdistill_summary.json").read_text())
+    assert summary["global_step"] == 12 and "checkpoint-" in summary["resumed_from"]
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ import torch
 
 from kdistill.data.records import looks_local
 from kdistill.errors import UserError
+from kdistill.hub import offline_reason
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,11 @@ def pretrained_config(name_or_path: str, key: str = "name_or_path", **kwargs):
     if not path.exists() and (looks_local(name_or_path) or name_or_path.count("/") > 1):
         raise ModelUnavailableError(f"{key}: {name_or_path!r}: no such local folder (resolved to "
                                     f"{str(path.absolute())!r})")
+    offline = None if path.exists() else offline_reason()
     try:
         return AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        hint = ("HF_HUB_OFFLINE is set, so only local folders and the hub cache are read; " if offline else "")
+        hint = f"{offline}, so only local folders and the hub cache are read; " if offline else ""
         reason = " ".join(str(exc).split())[:240]
         raise ModelUnavailableError(f"{key}: cannot load {name_or_path!r} ({reason}); {hint}give {key} a local "
                                     f"model folder (written by save_pretrained) instead") from None

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.errors import HubUnavailableError, MissingFileError, UserError
+from kdistill.hub import offline_reason
 
 __all__ = [
     "DataValidationError",
@@ -587,6 +588,7 @@ def load_hub_dataset(source: str, split: str, option: str | None = None, subset:
     takes a local .jsonl/.json file instead."""
     import datasets
 
+    offline = None if Path(source).is_dir() else offline_reason()
     try:
         if subset:
             return datasets.load_dataset(source, subset, split=split)
@@ -595,6 +597,8 @@ def load_hub_dataset(source: str, split: str, option: str | None = None, subset:
         reason = " ".join(str(exc).split())
         if len(reason) > 300:
             reason = reason[:300] + "..."
+        if offline:
+            reason = f"{offline}; {reason}"
         hint = f"give {option} a" if option else "pass a local"
         raise HubUnavailableError(f"{source!r} is not a local file and datasets.load_dataset(..., split={split!r}) "
                                   f"failed ({type(exc).__name__}: {reason}); to use local data instead, {hint} "
