@@ -478,7 +478,11 @@ def read_rows(source: str | os.PathLike, split: str = "train", limit: int | None
 # The annotation file
 
 
-def _iter_records(path: Path) -> Iterator[dict]:
+def _iter_records(path: Path, counts: dict | None = None) -> Iterator[dict]:
+    """The readable records of an append-only file; `counts` (if given) receives "lines" (non-empty) and
+    "unreadable"."""
+    counts = {} if counts is None else counts
+    counts.update(lines=0, unreadable=0)
     try:
         fh = path.open("rb")
     except FileNotFoundError:
@@ -487,23 +491,26 @@ def _iter_records(path: Path) -> Iterator[dict]:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            counts["lines"] += 1
             try:
                 record = json.loads(line)
             except ValueError:
                 record = None
             if not isinstance(record, dict) or not isinstance(record.get("key"), str) \
                     or record.get("status") not in STATUSES:
+                counts["unreadable"] += 1
                 logger.warning("%s:%d: ignoring an unreadable annotation record (a line cut short when a run "
                                "was killed?)", path, number)
                 continue
             yield record
 
 
-def load_annotations(out_path: str | os.PathLike) -> dict[str, dict]:
+def load_annotations(out_path: str | os.PathLike, counts: dict | None = None) -> dict[str, dict]:
     """``{key: last record of that key}`` from an annotation file (ordered by each key's first record);
-    ``{}`` when the file does not exist. Unreadable lines are ignored with a warning."""
+    ``{}`` when the file does not exist. Unreadable lines are ignored with a warning; ``counts`` (a dict, if given)
+    receives the number of non-empty ``"lines"`` and of ``"unreadable"`` ones."""
     records: dict[str, dict] = {}
-    for record in _iter_records(Path(out_path)):
+    for record in _iter_records(Path(out_path), counts):
         records[record["key"]] = record
     return records
 

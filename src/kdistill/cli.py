@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug_requested() -> bool:
+    """KDISTILL_DEBUG=1 (or true/yes): user errors keep their traceback."""
+    return os.environ.get("KDISTILL_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -269,7 +274,7 @@ def module_main(prog: str, description: str, add_arguments, run, argv: list[str]
     try:
         return run(args)
     except UserError as exc:
-        if os.environ.get("KDISTILL_DEBUG", "").lower() in ("1", "true", "yes"):
+        if _debug_requested():
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (UserError, FileNotFoundError) as exc:  # user mistakes: one line; anything else is a bug (traceback)
-        if args.debug or os.environ.get("KDISTILL_DEBUG", "").lower() in ("1", "true", "yes"):
+        if args.debug or _debug_requested():
             raise
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return 2

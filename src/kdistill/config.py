@@ -619,7 +619,7 @@ def _resolve_input_paths(cfg: "RunConfig", path: Path) -> None:
         value = getattr(holder, key)
         if not value or Path(value).expanduser().is_absolute() or Path(value).exists():
             continue
-        if (looks_local(value) or value.count("/") > 1) and (base / value).exists():
+        if looks_local(value) and (base / value).exists():
             logger.info("%s: %s.%s %r read from beside the config: %s", path, section, key, value, base / value)
             setattr(holder, key, str(base / value))
 

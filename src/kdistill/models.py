@@ -34,12 +34,10 @@ def _hf_kwargs(cfg) -> dict:
 def pretrained_config(name_or_path: str, key: str = "name_or_path", **kwargs):
     """`AutoConfig.from_pretrained`, with the failures a user can fix as one ModelUnavailableError naming `key`:
     a local path that does not exist, a hub id that cannot be reached (offline) or does not exist."""
-    import os
-
     from transformers import AutoConfig
 
-    path = Path(os.path.expanduser(name_or_path))
-    if not path.exists() and (looks_local(name_or_path) or name_or_path.count("/") > 1):
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and looks_local(name_or_path):
         raise ModelUnavailableError(f"{key}: {name_or_path!r}: no such local folder (resolved to "
                                     f"{str(path.absolute())!r})")
     offline = None if path.exists() else offline_reason()

@@ -213,28 +213,20 @@ def load_answers(path) -> list[dict]:
     if not path.is_file():
         raise MissingFileError(f"answers file not found: {str(path)!r}")
     rows = []
-    records = load_annotations(path)
-    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-    unreadable = len(lines) - sum(1 for line in lines if _is_record(line))
-    if unreadable and records:
-        print(f"note: {path}: {unreadable} unreadable line(s) skipped (cut short by a killed run; a resumed "
-              f"kdistill generate rewrites those rows), {len(records)} record(s) read", file=sys.stderr)
+    counts: dict = {}
+    records = load_annotations(path, counts)
+    if counts["unreadable"] and records:
+        print(f"note: {path}: {counts['unreadable']} unreadable line(s) skipped (cut short by a killed run; a "
+              f"resumed kdistill generate rewrites those rows), {len(records)} record(s) read", file=sys.stderr)
     for record in records.values():
         if record.get("status") != "ok" or "generate_output" not in record:
             continue
         rows.append(record)
     if not rows:
-        raise UserError(f"{path}: no answers to judge: {len(lines)} non-empty line(s), {len(records)} record(s) of "
-                        f"kdistill generate, none with status ok and a generate_output (write answers with kdistill "
-                        f"generate --model M --data TEST --out {path.name})")
+        raise UserError(f"{path}: no answers to judge: {counts['lines']} non-empty line(s), {len(records)} "
+                        f"record(s) of kdistill generate, none with status ok and a generate_output (write answers "
+                        f"with kdistill generate --model M --data TEST --out {path.name})")
     return rows
-
-
-def _is_record(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def _key(payload: dict) -> str:
