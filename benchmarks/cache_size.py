@@ -87,7 +87,7 @@ def exact_topk_kl(cfg, ks: list[int], sample_tokens: int, temperature: float) ->
     from kdistill.models import load_model, load_tokenizer
     from kdistill.pipeline import load_split
     from kdistill.topk_store import reconstruction_kl
-    from kdistill.trainer import align_positions
+    from kdistill.models.heads import align_positions
 
     tokenizer = load_tokenizer(cfg.student)
     dataset, _ = load_split(cfg, tokenizer, cfg.data.train, cfg.data.split, cfg.data.limit, False)

@@ -30,7 +30,7 @@ from kdistill.annotate import (
     parse_rationale,
     render_few_shot,
 )
-from kdistill.teachers import ChatClient, ChatError, LocalTeacher
+from kdistill.generators import ChatClient, ChatError, LocalTeacher
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = DATA / "alpaca" / "alpaca_small_2000.jsonl"

@@ -466,7 +466,7 @@ def test_the_api_key_never_follows_a_redirect(monkeypatch):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from kdistill.teachers import ChatClient, ChatError
+    from kdistill.generators import ChatClient, ChatError
 
     seen = []
 

@@ -182,7 +182,7 @@ def test_loglik_ranks_trained_label(tiny_models, kind):
 
 
 def test_generate_counts_garbage_as_invalid(tiny_models):
-    from kdistill.teachers import LocalTeacher
+    from kdistill.generators import LocalTeacher
 
     task = synthetic_task()
     rows = synthetic_rows(6, 3)

@@ -16,7 +16,7 @@ import pytest
 from chat_server import ChatServer, Reply
 from kdistill.evaluation.generate import generate_file
 from kdistill.evaluation.judge import (DIMENSIONS, judge_file, judge_pairwise, parse_judgement, parse_verdict)
-from kdistill.teachers import ChatClient
+from kdistill.generators import ChatClient
 
 GOOD = {"Correctness": 4, "Completeness": 3, "Relevance": 5, "Fluency": 2}
 

@@ -16,7 +16,7 @@ from kdistill.models import load_model, load_tokenizer
 from kdistill.pipeline import load_split, prepare, run_training
 from kdistill.teacher_cache import CacheMismatchError, build_cache
 from kdistill.topk_store import TopKStore
-from kdistill.trainer import align_positions, chunking_problem
+from kdistill.models.heads import align_positions, chunking_problem
 
 
 def _cache_cfg(pair, data, tmp_path, limit=10, **cache):

@@ -5,8 +5,8 @@ Three tasks:
 ``output``
     The teacher's answer, for sequence-level KD (SeqKD: the student is then trained on the teacher's
     outputs). LM rows (alpaca / prompt_completion / messages) are by default sent as a chat: a
-    :class:`~kdistill.teachers.ChatClient` gets the messages (the row's final assistant turn, if any, is
-    dropped), a :class:`~kdistill.teachers.LocalTeacher` gets
+    :class:`~kdistill.generators.ChatClient` gets the messages (the row's final assistant turn, if any, is
+    dropped), a :class:`~kdistill.generators.LocalTeacher` gets
     :func:`~kdistill.data.formatting.prompt_text`. Other rows are sent as their main text (see
     :data:`TEXT_KEYS`) unless a ``template`` says otherwise. An empty answer is ``unparsable``.
 ``label``
@@ -664,7 +664,7 @@ class _Run:
 
 
 def _error_text(exc: BaseException) -> str:
-    from kdistill.teachers import ChatError
+    from kdistill.generators import ChatError
 
     return str(exc) if isinstance(exc, ChatError) else f"{type(exc).__name__}: {exc}"
 
@@ -734,8 +734,8 @@ def annotate(rows, teacher, task: str, out_path: str | os.PathLike, template: st
     """Annotate ``rows`` with ``teacher`` into the append-only JSON Lines file ``out_path``; resumable.
 
     ``rows``: a list of row dicts (or ``(location, row)`` pairs, or Examples), or a path read with
-    :func:`read_rows`. ``teacher``: a :class:`~kdistill.teachers.ChatClient` (rows are sent by a pool of
-    ``concurrency`` threads) or a :class:`~kdistill.teachers.LocalTeacher` (batches of its ``batch_size``;
+    :func:`read_rows`. ``teacher``: a :class:`~kdistill.generators.ChatClient` (rows are sent by a pool of
+    ``concurrency`` threads) or a :class:`~kdistill.generators.LocalTeacher` (batches of its ``batch_size``;
     ``concurrency`` is unused) or any object with ``id``, ``params``, ``render`` and ``complete(prompt)``
     or ``generate(prompts)``. ``task``: ``output`` | ``label`` | ``rationale`` (module docstring).
     ``template``: a ``str.format`` template, ``None`` for the task's default. ``labels``: the label set
@@ -848,7 +848,7 @@ def _prompt_messages(record: dict) -> list[dict]:
     row = record["row"]
     kind = _lm_kind(row)
     if kind is not None and "query" not in record:
-        from kdistill.teachers import lm_prompt_messages
+        from kdistill.generators import lm_prompt_messages
 
         fields = dict(row)
         if kind == "alpaca":
@@ -995,7 +995,7 @@ def _read_few_shot(path: str):
 
 
 def _teacher_from_args(args):
-    from kdistill.teachers import ChatClient, LocalTeacher
+    from kdistill.generators import ChatClient, LocalTeacher
 
     if args.model:
         return LocalTeacher(args.model, batch_size=args.batch_size, dtype=args.dtype,
@@ -1016,7 +1016,7 @@ def run_cli(args) -> int:
     """Run ``annotate`` from parsed arguments. Exit code: 0 when no row failed, 1 when some failed (rerun to
     retry them), 2 on an error before or during the run (printed to stderr)."""
     from kdistill.data.records import DataValidationError
-    from kdistill.teachers import ChatError
+    from kdistill.generators import ChatError
 
     try:
         labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None

@@ -186,7 +186,7 @@ def evaluate_stepbystep(cfg: RunConfig, model, tokenizer) -> dict:
     """Label accuracy on data.eval: greedy generation from the label view's input, normalised exact match
     (numeric comparison of the evaluated expressions for SVAMP)."""
     from kdistill.evaluation.accuracy import label_accuracy
-    from kdistill.teachers import LocalTeacher
+    from kdistill.generators import LocalTeacher
 
     encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     # evaluation scores against ground truth: llm labels only ever replace the training targets

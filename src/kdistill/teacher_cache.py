@@ -64,7 +64,7 @@ def example_hash(row: dict) -> str:
 
 def trained_tokens(row: dict, encoder_decoder: bool) -> int:
     """The positions `kd` compares in one example (causal LMs: labels after the shift)."""
-    from kdistill.trainer import shifted_targets
+    from kdistill.models.heads import shifted_targets
 
     return int((shifted_targets(np.asarray(row["labels"]), encoder_decoder) != -100).sum())
 
@@ -153,7 +153,7 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
     from tqdm.auto import tqdm
 
     from kdistill.data import DataCollatorForDistillation
-    from kdistill.trainer import align_positions, chunking_problem, lm_model_inputs, output_layer, \
+    from kdistill.models.heads import align_positions, chunking_problem, lm_model_inputs, output_layer, \
         output_layer_bypassed
 
     rows = dataset.rows

@@ -11,7 +11,7 @@ Two scorers:
   prediction is the argmax over labels. Default: the SUM of the token log-probabilities
   (``length_normalize=False``); ``length_normalize=True`` uses the mean per token instead, which stops
   long verbalisers being penalised for their length. Nothing is parsed, so there are no invalid answers.
-* ``generate``: greedy generation (:class:`kdistill.teachers.LocalTeacher`, raw prompt, no chat
+* ``generate``: greedy generation (:class:`kdistill.generators.LocalTeacher`, raw prompt, no chat
   template) then :func:`kdistill.annotate.parse_label` over the verbalisers (then over the label names).
   An answer naming no single label is ``None``: counted as invalid (wrong) and never guessed.
 
@@ -357,7 +357,7 @@ def generate_predict(model, tokenizer, task: Task, prompts: Sequence[str], batch
                      max_new_tokens: int = 16) -> tuple[list[str | None], list[str]]:
     """Greedy answers and the labels parsed from them (``None`` when no single label is named)."""
     from kdistill.annotate import parse_label
-    from kdistill.teachers import LocalTeacher
+    from kdistill.generators import LocalTeacher
 
     teacher = LocalTeacher(model, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            do_sample=False, chat=False)

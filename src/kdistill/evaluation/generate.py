@@ -2,7 +2,7 @@
 
 :func:`generate_file` reads instruction rows (alpaca ``{instruction, input, output}``, prompt/completion, or
 ``messages``; validated by :func:`kdistill.data.records.load_examples`), generates an answer for each with a
-:class:`~kdistill.teachers.LocalTeacher` (batched, left padding, greedy unless ``temperature > 0``) and
+:class:`~kdistill.generators.LocalTeacher` (batched, left padding, greedy unless ``temperature > 0``) and
 appends one JSON line per row to ``out_path``::
 
     {"key", "status": "ok", "instruction", "input", "reference_output", "generate_output",
@@ -84,7 +84,7 @@ def _prompt(example, tokenizer, chat_template: bool) -> str:
     """The generation prompt of an example (its final response replaced by a placeholder, then cut off)."""
     from kdistill.data.formatting import prompt_text
     from kdistill.data.records import Example
-    from kdistill.teachers import lm_prompt_messages
+    from kdistill.generators import lm_prompt_messages
 
     kind, f = example.kind, example.fields
     if kind == "alpaca":
@@ -124,13 +124,13 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
     """Generate an answer for every instruction row of ``data`` into ``out_path`` (see the module doc).
 
     ``model_path_or_model``: a model folder / hub id, a loaded transformers model (pass ``tokenizer`` unless
-    its ``name_or_path`` has one), or a :class:`~kdistill.teachers.LocalTeacher` (its own generation
+    its ``name_or_path`` has one), or a :class:`~kdistill.generators.LocalTeacher` (its own generation
     parameters are then overridden by the ones given here). Returns a :class:`GenerateSummary`.
     """
     from tqdm.auto import tqdm
 
     from kdistill.data.records import load_examples
-    from kdistill.teachers import LocalTeacher
+    from kdistill.generators import LocalTeacher
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,7 +144,7 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
     else:
         teacher = LocalTeacher(model_path_or_model, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
                                **gen)
-    from kdistill.teachers import generation_params
+    from kdistill.generators import generation_params
 
     params = generation_params(**{**teacher.params, **{k: v for k, v in gen.items()}, "do_sample": None})
     out_path = Path(out_path)

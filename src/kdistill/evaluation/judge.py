@@ -1,7 +1,7 @@
 """LLM-as-a-judge over ``kdistill generate`` outputs: per-answer scores and pairwise comparisons.
 
 Scores (:func:`judge_file`)
-    Each answer row is sent to a judge (a :class:`~kdistill.teachers.ChatClient`, so 429/5xx/timeouts are
+    Each answer row is sent to a judge (a :class:`~kdistill.generators.ChatClient`, so 429/5xx/timeouts are
     retried with backoff there) with a ``str.format`` template over ``{instruction}``, ``{input}``,
     ``{reference_output}``, ``{answer}``, ``{dimensions}`` (comma-separated names) and ``{json_example}``
     (e.g. ``{"Correctness": <0-5>, ...}``). Default: :data:`JUDGE_TEMPLATE`, dimensions
@@ -256,7 +256,7 @@ def _check_template(template: str, fields: Sequence[str]) -> None:
 
 def _ask(client, prompt: str, parse: Callable[[str], Any], max_invalid_retries: int):
     """``(parsed | None, replies, error | None)``: ask, re-asking while the reply is invalid."""
-    from kdistill.teachers import ChatError
+    from kdistill.generators import ChatError
 
     replies: list[str] = []
     for _ in range(max_invalid_retries + 1):
@@ -565,7 +565,7 @@ def _write_summary(summary, path: Path, **about) -> None:
 def run_cli(args) -> int:
     """Run ``judge``. Prints per answers file the mean of each dimension and valid/total (pairwise: the win
     rate of A and wins/ties/losses). Exit code 0, 1 when some judgement is invalid, 2 on an error."""
-    from kdistill.teachers import ChatClient, ChatError
+    from kdistill.generators import ChatClient, ChatError
 
     try:
         client = ChatClient(args.base_url, args.api_model, api_key_env=args.api_key_env, timeout=args.timeout,
