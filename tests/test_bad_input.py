@@ -635,3 +635,20 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(mod
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_passes_over_a_checkpoint_killed_while_it_was_saved(tmp_path, caplog):
+    """The fingerprint is a checkpoint's last file: a newer folder without one, next to an older one with one, is a
+    save cut short by the kill, and resuming continues from the older, complete checkpoint."""
+    from kdistill.provenance import FINGERPRINT_FILE, last_checkpoint
+
+    assert last_checkpoint(tmp_path / "absent") is None
+    for step in (3, 6, 12):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-tmp").mkdir()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-12")  # none complete: check_resume refuses it
+    (tmp_path / "checkpoint-3" / FINGERPRINT_FILE).write_text("{}")
+    (tmp_path / "checkpoint-6" / FINGERPRINT_FILE).write_text("{}")
+    with caplog.at_level("WARNING"):
+        assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")  # numeric order: 12 > 6, not "12" < "6"
+    assert "passing over checkpoint-12" in caplog.text

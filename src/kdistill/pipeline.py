@@ -24,7 +24,7 @@ from kdistill.models import (_DTYPES, apply_lora, compare_tokenizers, is_encoder
 from kdistill.objectives import build_objectives
 from kdistill.paths import check_output_dir
 from kdistill.provenance import (FingerprintCallback, check_resume, clear_checkpoints, config_fingerprint,
-                                 data_fingerprint)
+                                 data_fingerprint, last_checkpoint)
 from kdistill.trainer import DistillTrainer, without_objective_parts
 
 logger = logging.getLogger(__name__)
@@ -400,12 +400,6 @@ def _encoded_rows(dataset) -> list[dict]:
     return dataset.rows
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-
-
 def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = True) -> dict:
     """Train, save student + tokenizer + resolved config in `training.output_dir`, return a summary.
 
@@ -420,7 +414,7 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
         if int(os.environ.get("RANK", "0")) == 0:
             clear_checkpoints(cfg.training["output_dir"])
     else:
-        checkpoint = _last_checkpoint(cfg.training["output_dir"])
+        checkpoint = last_checkpoint(cfg.training["output_dir"])
         if checkpoint:
             check_resume(checkpoint, fingerprint)  # settings first: before any model loads
     prepared = prepare(cfg, callbacks)

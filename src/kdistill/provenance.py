@@ -4,7 +4,8 @@ Every checkpoint kdistill writes holds ``kdistill_fingerprint.json``: the resolv
 the keys a resume may change, :data:`RESUMABLE`) and a hash of the encoded training examples (token ids and labels
 of every row, so a changed file, tokenizer, template or max_length shows). Resuming compares the newest checkpoint's
 fingerprint with the current run's and refuses, naming every difference, when they differ or when the checkpoint
-has none. ``kdistill train --no-resume`` starts over and deletes the old ``checkpoint-*`` folders first, so no later
+has none. The fingerprint is written last, after the weights, optimizer and trainer state, so a checkpoint without
+one next to older checkpoints with one is a save that was killed midway: :func:`last_checkpoint` passes over it. ``kdistill train --no-resume`` starts over and deletes the old ``checkpoint-*`` folders first, so no later
 run can pick them up.
 """
 
@@ -22,7 +23,7 @@ from transformers import TrainerCallback
 from kdistill.errors import UserError
 
 __all__ = ["FINGERPRINT_FILE", "RESUMABLE", "FingerprintCallback", "ResumeMismatchError", "check_resume",
-           "clear_checkpoints", "config_fingerprint", "data_fingerprint"]
+           "clear_checkpoints", "config_fingerprint", "data_fingerprint", "last_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,30 @@ class FingerprintCallback(TrainerCallback):
         return control
 
 
+def _step(folder: Path) -> int:
+    suffix = folder.name[len("checkpoint-"):]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def last_checkpoint(output_dir: str | Path) -> str | None:
+    """The checkpoint a resumed run continues from: the newest `checkpoint-<step>` folder that carries a
+    fingerprint. Newer folders without one were being written when the run was killed (the fingerprint is the
+    last file of a checkpoint): they are skipped with a warning. When no folder has a fingerprint, the newest one
+    is returned (and `check_resume` refuses it); None when there is no checkpoint."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    found = sorted((c for c in folder.glob("checkpoint-*") if c.is_dir() and _step(c) >= 0), key=_step)
+    complete = [c for c in found if (c / FINGERPRINT_FILE).is_file()]
+    if not complete:
+        return str(found[-1]) if found else None
+    skipped = [c.name for c in found if _step(c) > _step(complete[-1])]
+    if skipped:
+        logger.warning("%s: passing over %s, written only partly when the run stopped (no %s); resuming from %s",
+                       folder, ", ".join(skipped), FINGERPRINT_FILE, complete[-1].name)
+    return str(complete[-1])
+
+
 def check_resume(checkpoint: str | Path, fingerprint: dict) -> None:
     """Refuse to resume from `checkpoint` unless it was written by a run with this fingerprint. `fingerprint` may
     lack "data" (checked before the data is encoded); then only the config is compared."""
@@ -89,7 +114,7 @@ def check_resume(checkpoint: str | Path, fingerprint: dict) -> None:
     restart = "rerun with --no-resume to start over (it deletes the old checkpoints) or choose another output_dir"
     if not path.is_file():
         raise ResumeMismatchError(f"{checkpoint}: this checkpoint carries no kdistill fingerprint (another tool or "
-                                  f"an older kdistill wrote it), so it cannot be checked against this run; {restart}")
+                                  f"an older kdistill wrote it, or the run was killed while saving it), so it cannot be checked against this run; {restart}")
     saved = json.loads(path.read_text())
     differences = []
     old, new = saved.get("config", {}), fingerprint["config"]
