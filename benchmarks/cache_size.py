@@ -2,7 +2,7 @@
 
 Target (issue, item c): cache <= 256 bytes/token at k = 64 (V = 151,936, Qwen2.5; default 12-bit log-probs).
 
-Part 1 is exact arithmetic on `kdistill.topk_store.TopKCodec` (record bytes/token = (id_bits + logprob_bits) * k / 8),
+Part 1 is exact arithmetic on `kdistill.teachers.topk_codec.TopKCodec` (record bytes/token = (id_bits + logprob_bits) * k / 8),
 compared with ids as int32 + log-probs as float16 (6 bytes * k) and with the full float16 distribution (2 V bytes).
 Part 2 is measured: a tiny Qwen2-style teacher (built at run time, offline, briefly fine-tuned with plain CE by
 kdistill so it is peaked like a real LM) is cached with `build_cache` for each k into its own folder, on the first
@@ -37,7 +37,7 @@ TARGET_BYTES = 256
 
 
 def arithmetic(vocabs: list[tuple[str, int]], ks: list[int], bits: list[int]) -> None:
-    from kdistill.topk_store import TopKCodec
+    from kdistill.teachers.topk_codec import TopKCodec
 
     print("1. record bytes/token (exact: (id_bits + logprob_bits) * k / 8; a record rounds up to whole bytes once "
           "per section per example)")
@@ -85,8 +85,8 @@ def exact_topk_kl(cfg, ks: list[int], sample_tokens: int, temperature: float) ->
     from kdistill.data import DataCollatorForDistillation
     from kdistill.losses import topk_from_logits
     from kdistill.models import load_model, load_tokenizer
-    from kdistill.pipeline import load_split
-    from kdistill.topk_store import reconstruction_kl
+    from kdistill.recipes.lm import load_split
+    from kdistill.teachers.topk_codec import reconstruction_kl
     from kdistill.models.heads import align_positions
 
     tokenizer = load_tokenizer(cfg.student)
@@ -145,7 +145,7 @@ def main() -> None:
     import torch
 
     from kdistill.config import config_from_dict
-    from kdistill.teacher_cache import build_cache
+    from kdistill.recipes.lm import build_cache
 
     tmp = None
     if args.work is None:

@@ -160,7 +160,7 @@ def main() -> None:
     import transformers
 
     from kdistill.config import config_from_dict
-    from kdistill.teacher_cache import build_cache
+    from kdistill.recipes.lm import build_cache
 
     tmp = None
     if args.work is None:

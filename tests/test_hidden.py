@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from conftest import run_config
-from kdistill.config import ConfigError, ModelConfig, ObjectiveConfig, config_from_dict
+from kdistill.batch import Batch
+from kdistill.config import ConfigError, ModelConfig, config_from_dict
 from kdistill.data import DataCollatorForDistillation, encode_examples, load_examples
 from kdistill.losses import hidden_cosine, hidden_mse, layer_output_index, resolve_layer_map
 from kdistill.models import load_model, load_tokenizer, shrink
-from kdistill.objectives import DistillBatch, HiddenAlignment
+from kdistill.objectives import StepBatch
+from kdistill.objectives.hidden import HiddenAlignment, HiddenAlignmentConfig
+from kdistill.teachers.live import LiveTeacher
 from kdistill.pipeline import prepare, run_training
 
 
@@ -78,16 +81,14 @@ def _forward(model, inputs, seq2seq):
 
 def _hidden_loss(student, teacher, inputs, seq2seq, encoder_only=None, **cfg):
     """The objective's loss (or, with `encoder_only`, its T5 encoder term) on a batch."""
-    objective = HiddenAlignment("hidden", ObjectiveConfig(type="hidden", **cfg))
+    objective = HiddenAlignment("hidden", HiddenAlignmentConfig(type="hidden", **cfg))
     objective.setup(student, teacher)
-
-    def lm_forward(inp, need_teacher, student_out=None):
-        if need_teacher:
-            return {"teacher_outputs": _forward(teacher, inp, seq2seq)}
-        return {"student_outputs": _forward(student, inp, seq2seq)}
-
-    batch = DistillBatch(inputs, {"": 1}, inputs["input_ids"].shape[0],
-                         lm_forward=lambda inp, need_teacher, student=None: lm_forward(inp, need_teacher))
+    source = LiveTeacher(teacher)
+    source.setup(encoder_decoder=seq2seq, chunked=False, outputs=frozenset({"hidden_states"}))
+    parsed = Batch.parse(inputs)
+    batch = StepBatch(parsed, parsed.counts(seq2seq), teacher=source, encoder_decoder=seq2seq,
+                      student_forward=lambda tokens: {"outputs": _forward(student, tokens.tensors(), seq2seq)})
+    batch.counts.tokens[""] = 1
     loss, metrics = objective(batch)
     return objective, (metrics["encoder"] if encoder_only else loss)
 
@@ -118,7 +119,7 @@ def test_hidden_loss_zero_when_student_is_the_teachers_layers(kind, tiny_causal,
 def test_projection_only_when_widths_differ_and_t5_maps(tiny_causal, tiny_t5):
     teacher = load_model(ModelConfig(name_or_path=tiny_causal["teacher"]))
     student = load_model(ModelConfig(name_or_path=tiny_causal["student"]))
-    objective = HiddenAlignment("hidden", ObjectiveConfig(type="hidden"))
+    objective = HiddenAlignment("hidden", HiddenAlignmentConfig(type="hidden"))
     objective.setup(student, teacher)
     assert objective.layer_maps == {"decoder": [(0, 1), (1, 3)]}
     proj = objective.projections["decoder_0_1"]
@@ -127,10 +128,10 @@ def test_projection_only_when_widths_differ_and_t5_maps(tiny_causal, tiny_t5):
 
     t5_teacher = load_model(ModelConfig(name_or_path=tiny_t5["teacher"]))
     t5_student = load_model(ModelConfig(name_or_path=tiny_t5["student"]))
-    objective = HiddenAlignment("hidden", ObjectiveConfig(type="hidden", decoder_layer_map=[[-1, -1]]))
+    objective = HiddenAlignment("hidden", HiddenAlignmentConfig(type="hidden", decoder_layer_map=[[-1, -1]]))
     objective.setup(t5_student, t5_teacher)
     assert objective.layer_maps == {"encoder": [(0, 1), (1, 3)], "decoder": [(1, 3)]}
-    objective = HiddenAlignment("hidden", ObjectiveConfig(type="hidden", encoder_layer_map=[[0, 9]]))
+    objective = HiddenAlignment("hidden", HiddenAlignmentConfig(type="hidden", encoder_layer_map=[[0, 9]]))
     with pytest.raises(ValueError, match=r"hidden \(encoder\).*\[0, 9\]"):
         objective.setup(t5_student, t5_teacher)
 

@@ -13,9 +13,10 @@ from kdistill.config import ModelConfig, config_from_dict
 from kdistill.data import DataCollatorForDistillation
 from kdistill.losses import topk_divergence, topk_from_logits
 from kdistill.models import load_model, load_tokenizer
-from kdistill.pipeline import load_split, prepare, run_training
-from kdistill.teacher_cache import CacheMismatchError, build_cache
-from kdistill.topk_store import TopKStore
+from kdistill.pipeline import prepare, run_training
+from kdistill.recipes.lm import build_cache, load_split
+from kdistill.teachers.topk_cache import CacheMismatchError
+from kdistill.teachers.topk_store import TopKStore
 from kdistill.models.heads import align_positions, chunking_problem
 
 
@@ -155,13 +156,13 @@ def test_bucket_with_another_temperature_refused_before_loading(tiny_causal, alp
 
 
 def test_killed_cache_run_resumes_without_duplicates(tiny_causal, alpaca_small, tmp_path, monkeypatch):
-    from kdistill import topk_store
+    from kdistill.teachers import topk_writer
 
     raw = _cache_cfg(tiny_causal, alpaca_small, tmp_path, limit=11, batch_size=2)
     clean = _cache_cfg(tiny_causal, alpaca_small, tmp_path / "clean", limit=11, batch_size=2)
     build_cache(config_from_dict(clean), progress=False)
 
-    real_append = topk_store.TopKStoreWriter.append
+    real_append = topk_writer.TopKStoreWriter.append
     calls = {"n": 0}
 
     def dying_append(self, *args, **kwargs):
@@ -170,10 +171,10 @@ def test_killed_cache_run_resumes_without_duplicates(tiny_causal, alpaca_small, 
         calls["n"] += 1
         return real_append(self, *args, **kwargs)
 
-    monkeypatch.setattr(topk_store.TopKStoreWriter, "append", dying_append)
+    monkeypatch.setattr(topk_writer.TopKStoreWriter, "append", dying_append)
     with pytest.raises(KeyboardInterrupt):
         build_cache(config_from_dict(raw), progress=False)
-    monkeypatch.setattr(topk_store.TopKStoreWriter, "append", real_append)
+    monkeypatch.setattr(topk_writer.TopKStoreWriter, "append", real_append)
     partial = TopKStore(tmp_path / "cache" / "train")
     assert not partial.complete and len(partial) == 5
     with pytest.raises(CacheMismatchError, match="incomplete"):

@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdistill.topk_store import (
-    FORMAT,
-    VERSION,
-    TopKCodec,
-    TopKStore,
-    TopKStoreWriter,
-    reconstruction_kl,
-)
+from kdistill.teachers.topk_codec import TopKCodec, reconstruction_kl
+from kdistill.teachers.topk_store import FORMAT, VERSION, TopKStore
+from kdistill.teachers.topk_writer import TopKStoreWriter
 
 
 def _random_topk(rng: np.random.Generator, n: int, k: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:

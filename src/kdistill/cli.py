@@ -43,7 +43,7 @@ def _cache_parser(sub) -> None:
 
 def cmd_cache(args) -> int:
     from kdistill.config import load_config
-    from kdistill.teacher_cache import build_cache
+    from kdistill.recipes.lm import build_cache
 
     cfg = load_config(args.config, args.overrides)
     stats = build_cache(cfg)

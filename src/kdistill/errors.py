@@ -9,7 +9,7 @@ traceback. Subclasses also derive from the built-in type callers caught before (
 
 from __future__ import annotations
 
-__all__ = ["UserError", "MissingDependencyError", "HubUnavailableError", "MissingFileError"]
+__all__ = ["ConfigError", "UserError", "MissingDependencyError", "HubUnavailableError", "MissingFileError"]
 
 
 class UserError(Exception):
@@ -27,3 +27,7 @@ class HubUnavailableError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A local file or folder the user named does not exist."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem, with the place (file:line or key) named."""

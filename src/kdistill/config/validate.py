@@ -1,0 +1,81 @@
+"""Cross-field checks of a run configuration: what one field alone cannot express (a section's own ranges are
+checked where its fields are declared: the section dataclasses and each objective's config)."""
+
+from __future__ import annotations
+
+import logging
+
+from kdistill.config.sections import RunConfig
+from kdistill.config.training import check_training, training_argument_names
+from kdistill.errors import ConfigError
+from kdistill.objectives import OBJECTIVES
+
+__all__ = ["validate"]
+
+logger = logging.getLogger(__name__)
+
+
+def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) -> RunConfig:
+    """Check the whole config (`source` and `lines` place the errors); returns it with `training` typed."""
+    if not cfg.student.name_or_path:
+        raise ConfigError(f"{source}: student.name_or_path is required")
+    for role in ("student", "teacher"):
+        model = getattr(cfg, role)
+        if model.trust_remote_code and not model.revision:
+            logger.warning("%s: %s.trust_remote_code is true without %s.revision: the model repository's code runs "
+                           "as it is today; pin the commit you reviewed (revision: <sha>)", source, role, role)
+    if not cfg.data.train:
+        raise ConfigError(f"{source}: data.train is required")
+    if not cfg.objectives:
+        raise ConfigError(f"{source}: objectives is empty; give at least one (e.g. ce)")
+    for key, obj in cfg.objectives.items():
+        _check_objective(cfg, source, key, obj)
+    if cfg.cache.dir:
+        if cfg.task != "lm" or cfg.stepbystep.dataset:
+            raise ConfigError(f"{source}: cache.dir: a top-k teacher cache serves token KD of task lm (not "
+                              "embedding or step-by-step runs)")
+        if not 1 <= cfg.cache.k:
+            raise ConfigError(f"{source}: cache.k must be >= 1")
+        if not 4 <= cfg.cache.logprob_bits <= 16:
+            raise ConfigError(f"{source}: cache.logprob_bits must be in 4..16")
+        if cfg.cache.temperature <= 0:
+            raise ConfigError(f"{source}: cache.temperature must be > 0")
+    chunk = cfg.chunked_loss.chunk_size
+    if chunk != "auto" and (isinstance(chunk, str) or chunk < 1):
+        raise ConfigError(f"{source}: chunked_loss.chunk_size must be an integer >= 1 or 'auto', got {chunk!r}")
+    unknown = sorted(set(cfg.training) - training_argument_names())
+    if unknown:
+        line = (lines or {}).get(("training", unknown[0]))
+        place = f"{source}:{line}" if line else source
+        raise ConfigError(f"{place}: training.{unknown[0]}: not a transformers.TrainingArguments field"
+                          + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else ""))
+    cfg.training = check_training(cfg.training, lines or {}, source)
+    if not cfg.training.get("output_dir"):
+        raise ConfigError(f"{source}: training.output_dir is required")
+    return cfg
+
+
+def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
+    """An objective against the rest of the run: task, teacher, cache."""
+    kind = OBJECTIVES[obj.type]
+    if kind.task != cfg.task:
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) is an {kind.task!r} objective but task is "
+                          f"{cfg.task!r}")
+    cached = bool(cfg.cache.dir)
+    served_by_cache = kind.teacher_needs <= {"tokens"}  # what a top-k cache gives
+    if kind.needs_teacher() and not cfg.teacher.name_or_path and not (cached and served_by_cache):
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set teacher.name_or_path"
+                          + (" or cache.dir" if served_by_cache else "") + " or remove the objective")
+    if cached and kind.needs_teacher() and not served_by_cache:
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model, but cache.dir is "
+                          "set and a cached run loads none (the cache serves token distributions only: kd)")
+    if cached and kind.needs_teacher():
+        if obj.view:
+            raise ConfigError(f"{source}: objectives.{key}: a top-k cache covers the main token view only, "
+                              f"not view {obj.view!r}")
+        if obj.missing == "bucket" and obj.temperature != cfg.cache.temperature:
+            raise ConfigError(
+                f"{source}: objectives.{key}: missing: bucket needs the loss temperature ({obj.temperature}) "
+                f"to equal cache.temperature ({cfg.cache.temperature}): the teacher's mass outside the top k is "
+                "only known at the capture temperature. Capture at the training temperature, or use "
+                "missing: renormalize")
