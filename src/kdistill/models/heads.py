@@ -18,7 +18,7 @@ class OutputHead:
     bias: torch.Tensor | None = None
 
 
-def _base(model):
+def base_model(model):
     """The transformers model under DDP / peft wrappers."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
@@ -26,7 +26,7 @@ def _base(model):
 
 
 def output_layer(model) -> torch.nn.Module:
-    return _base(model).get_output_embeddings()
+    return base_model(model).get_output_embeddings()
 
 
 @contextmanager
@@ -69,7 +69,7 @@ def lm_model_inputs(model, inputs: dict[str, Any], encoder_decoder: bool) -> dic
     out = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "decoder_input_ids",
                                                      "decoder_attention_mask")}
     if encoder_decoder and "decoder_input_ids" not in out:
-        out["decoder_input_ids"] = _base(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        out["decoder_input_ids"] = base_model(model).prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
     out["use_cache"] = False
     return out
 
