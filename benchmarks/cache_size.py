@@ -62,7 +62,7 @@ def arithmetic(vocabs: list[tuple[str, int]], ks: list[int], bits: list[int]) ->
 
 def make_teacher(work: Path, data: Path, vocab_size: int, hidden: int, layers: int, steps: int) -> tuple[str, int]:
     """Tokenizer + Qwen2-style teacher saved under work/teacher (fine-tuned `steps` CE steps by kdistill)."""
-    from kdistill.tiny import _pretrain, build_model, decoder_config, iter_text, train_tokenizer
+    from kdistill.apps.tiny import build_model, decoder_config, iter_text, pretrain, train_tokenizer
 
     tokenizer = train_tokenizer(iter_text(data), vocab_size=vocab_size, kind="decoder")
     heads = max(hidden // 64, 1)
@@ -72,7 +72,7 @@ def make_teacher(work: Path, data: Path, vocab_size: int, hidden: int, layers: i
     build_model(config, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     if steps > 0:
-        _pretrain(str(path), data, steps, work / "teacher-sft", seed=0)
+        pretrain(str(path), data, steps, work / "teacher-sft", seed=0)
     return str(path), len(tokenizer)
 
 

@@ -46,7 +46,7 @@ TARGET = 1.15
 def build_models(work: Path, data: Path, vocab_size: int, student_hidden: int, student_layers: int,
                  teacher_hidden: int, teacher_layers: int, max_length: int) -> dict:
     """Tokenizer + student + teacher saved under `work`; returns paths and parameter counts."""
-    from kdistill.tiny import build_model, decoder_config, iter_text, train_tokenizer
+    from kdistill.apps.tiny import build_model, decoder_config, iter_text, train_tokenizer
 
     tokenizer = train_tokenizer(iter_text(data), vocab_size=vocab_size, kind="decoder")
     out = {"vocab": len(tokenizer)}

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from kdistill.quickstart import run
+from kdistill.apps.quickstart import run
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def alpaca_small(tmp_path_factory, shared_data) -> Path:
 
 
 def _tiny_pair(tmp_path_factory, kind: str, data: Path, teacher_steps: int) -> dict[str, str]:
-    from kdistill.tiny import make_tiny_pair
+    from kdistill.apps.tiny import make_tiny_pair
 
     return make_tiny_pair(tmp_path_factory.mktemp(f"tiny-{kind}"), kind=kind, data=data, vocab_size=400,
                           teacher_steps=teacher_steps, seed=0)

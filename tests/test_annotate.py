@@ -409,7 +409,7 @@ def test_cli_parser_registers_annotate():
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    from kdistill.tiny import build_model, decoder_config, t5_config, train_tokenizer
+    from kdistill.apps.tiny import build_model, decoder_config, t5_config, train_tokenizer
 
     rows = _first_rows(ALPACA, 300)
     texts = [r["instruction"] + " " + r["input"] + " " + r["output"] for r in rows]

@@ -104,7 +104,7 @@ def test_climate_fever_and_hate_speech_load():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """An untrained tiny causal LM and T5 sharing a tokenizer trained on the synthetic claims."""
-    from kdistill.tiny import build_model, decoder_config, t5_config, train_tokenizer
+    from kdistill.apps.tiny import build_model, decoder_config, t5_config, train_tokenizer
 
     texts = [f"Claim: {f['claim']}\nAnswer: supported refuted" for f, _ in synthetic_rows(200, 99)]
     texts += FILLER + ["supported", "refuted", "not enough info", "hate", "not hate"]

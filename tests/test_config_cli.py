@@ -97,7 +97,7 @@ def test_same_tokenizer_with_padded_teacher_vocab_is_aligned(tiny_causal, alpaca
 
 
 def test_different_tokenizers_are_refused_before_training(tiny_causal, alpaca_small, tmp_path):
-    from kdistill.tiny import build_model, decoder_config, iter_text, train_tokenizer
+    from kdistill.apps.tiny import build_model, decoder_config, iter_text, train_tokenizer
 
     other = tmp_path / "other-teacher"
     tok = train_tokenizer(iter_text(REPO.parent / "shared" / "data" / "stsb" / "sts-train.jsonl"), vocab_size=300)

@@ -23,7 +23,7 @@ from kdistill.data import (
     prompt_text,
     render_segments,
 )
-from kdistill.tiny import iter_text, train_tokenizer
+from kdistill.apps.tiny import iter_text, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA = DATA / "alpaca" / "alpaca_small_2000.jsonl"
@@ -588,7 +588,7 @@ def test_collator_seq2seq_labels_and_extra_keys():
 
 
 def test_encoded_batches_run_through_tiny_models(chat_tok, t5_tok, alpaca_data):
-    from kdistill.tiny import build_model, decoder_config, t5_config
+    from kdistill.apps.tiny import build_model, decoder_config, t5_config
 
     examples = alpaca_data.examples[:4]
     features, _ = encode_examples(examples, chat_tok, max_length=64)

@@ -14,7 +14,7 @@ from kdistill.config import config_from_dict
 from kdistill.embedder import Embedder
 from kdistill.models import shrink
 from kdistill.pooling import last_token_index, pool
-from kdistill.tiny import build_model, decoder_config, iter_text, t5_config, train_tokenizer
+from kdistill.apps.tiny import build_model, decoder_config, iter_text, t5_config, train_tokenizer
 
 NLI = SHARED_DATA / "nli_triplets" / "nli_triplets_snli_dev.jsonl"
 STS_DEV = SHARED_DATA / "stsb" / "sts-dev.jsonl"
@@ -28,7 +28,7 @@ def decoder_tok(shared_data):
 @pytest.fixture(scope="module")
 def minilm():
     try:
-        from kdistill.quickstart import teacher_path
+        from kdistill.apps.quickstart import teacher_path
 
         return str(teacher_path())
     except Exception as exc:  # noqa: BLE001 - report why, and skip
@@ -215,7 +215,7 @@ def test_eval_sts_cli_spearman_equals_sentence_transformers_evaluator(minilm, ca
 
 @pytest.mark.slow
 def test_quickstart_smoke_run(minilm, tmp_path, capsys):
-    from kdistill.quickstart import run
+    from kdistill.apps.quickstart import run
 
     result = run(out_dir=tmp_path / "qs", max_steps=4, max_sentences=256, sts_limit=100,  # bundled STS pairs
                  batch_size=32)
@@ -232,7 +232,7 @@ def test_quickstart_smoke_run(minilm, tmp_path, capsys):
 
 
 def test_quickstart_refuses_tampered_teacher(monkeypatch, tmp_path):
-    import kdistill.quickstart as qs
+    import kdistill.apps.quickstart as qs
 
     fake = tmp_path / "pkg"
     fake.mkdir()

@@ -23,7 +23,7 @@ from kdistill.data import (  # noqa: E402
     load_rows,
     tokenize_texts,
 )
-from kdistill.tiny import iter_text, train_tokenizer  # noqa: E402
+from kdistill.apps.tiny import iter_text, train_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NLI = DATA / "nli_triplets" / "nli_triplets_snli_dev.jsonl"

@@ -44,7 +44,7 @@ def test_nothing_in_the_product_or_the_examples_names_the_development_data():
 def test_bundled_data_loads_with_the_documented_row_counts():
     from kdistill.evaluation.classify import hate_speech_task
     from kdistill.evaluation.sts import load_sts_pairs
-    from kdistill.quickstart import bundled_sentences
+    from kdistill.apps.quickstart import bundled_sentences
 
     pairs = load_sts_pairs(bundled_path(STSB_DEV))
     assert len(pairs) == BUNDLED_ROWS[STSB_DEV] == 375
@@ -91,7 +91,7 @@ def test_a_hub_default_offline_is_one_line_naming_the_local_option(tiny_causal, 
 def test_missing_quickstart_teacher_names_the_pip_command(monkeypatch):
     import builtins
 
-    from kdistill.quickstart import TeacherUnavailable, teacher_path
+    from kdistill.apps.quickstart import TeacherUnavailable, teacher_path
 
     real_import = builtins.__import__
 

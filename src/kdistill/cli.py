@@ -108,7 +108,7 @@ def _eval_parser(sub) -> None:
 
 
 def cmd_quickstart(args) -> int:
-    from kdistill.quickstart import run
+    from kdistill.apps.quickstart import run
 
     weights = {}
     for part in args.loss.split(","):
@@ -195,7 +195,7 @@ def _close_process_group() -> None:
 
 
 def cmd_tiny(args) -> int:
-    from kdistill.tiny import make_tiny_pair
+    from kdistill.apps.tiny import make_tiny_pair
 
     paths = make_tiny_pair(args.out, kind=args.kind, data=args.data, vocab_size=args.vocab_size,
                            teacher_steps=args.teacher_steps, seed=args.seed)

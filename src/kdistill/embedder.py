@@ -16,7 +16,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from kdistill.data.embedding import tokenize_texts
 from kdistill.errors import UserError
+from kdistill.models.loader import load_pretrained
 from kdistill.pooling import POOLING_MODES, pool
 
 logger = logging.getLogger(__name__)
@@ -71,8 +73,6 @@ class Embedder(torch.nn.Module):
     # ------------------------------------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenise and pad a list of texts (EOS appended when `append_eos`, and kept through truncation)."""
-        from kdistill.data.embedding import tokenize_texts
-
         ids = tokenize_texts(list(texts), self.tokenizer, max_length=self.max_length, append_eos=self.append_eos)
         return self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
 
@@ -134,13 +134,15 @@ class Embedder(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, pooling: str | None = None, normalize: bool | None = None,
-                        append_eos: bool | None = None, max_length: int | None = None, **model_kwargs):
+                        append_eos: bool | None = None, max_length: int | None = None, *,
+                        key: str = "name_or_path", **model_kwargs):
         """Load from a sentence-transformers folder, a kdistill embedder folder, or any transformers model
-        (then pooling defaults to mean, or eos for decoder LMs, which also get an appended EOS)."""
-        from transformers import AutoModel, AutoTokenizer
+        (then pooling defaults to mean, or eos for decoder LMs, which also get an appended EOS). A folder or hub
+        id that cannot be loaded is a `ModelUnavailableError` naming `key`."""
+        from transformers import AutoTokenizer
 
         settings = read_embedding_settings(path, need_pooling=pooling is None)
-        backbone = AutoModel.from_pretrained(path, **model_kwargs)
+        backbone = load_pretrained(path, key, backbone=True, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

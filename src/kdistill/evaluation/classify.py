@@ -32,6 +32,8 @@ from typing import Any, Sequence
 from kdistill.bundled import HATE_SPEECH, bundled_path
 from kdistill.data.records import load_hub_dataset, looks_local
 from kdistill.errors import MissingFileError, UserError
+from kdistill.models.heads import align_positions
+from kdistill.models.loader import load_pretrained
 
 __all__ = ["Task", "Examples", "classification_metrics", "climate_fever_task", "hate_speech_task",
            "custom_task", "get_task", "loglik_predict", "generate_predict", "evaluate_classification",
@@ -255,13 +257,11 @@ def get_task(name: str, all_labels: bool = False, **custom) -> Task:
 
 
 def _load(model, tokenizer):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if isinstance(model, (str, Path)):
         name = str(model)
-        config = AutoConfig.from_pretrained(name)
-        cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = cls.from_pretrained(name)
+        model = load_pretrained(name, "--model")
         if tokenizer is None:
             tokenizer = name
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
@@ -324,7 +324,7 @@ def loglik_predict(model, tokenizer, prompts: Sequence[str], continuations: Sequ
                     labels[r, :len(cont_ids[j])] = torch.tensor(cont_ids[j])
                 logits = model(input_ids=enc.to(device), attention_mask=enc_mask.to(device),
                                labels=labels.to(device)).logits
-                target = labels.to(device)
+                target = labels
             else:
                 seqs = [prompt_ids[i] + cont_ids[j] for i, j in pairs]
                 width = max(len(s) for s in seqs)
@@ -336,8 +336,8 @@ def loglik_predict(model, tokenizer, prompts: Sequence[str], continuations: Sequ
                     mask[r, :len(seq)] = 1
                     p = len(prompt_ids[i])
                     target[r, p:len(seq)] = torch.tensor(cont_ids[j])
-                logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits[:, :-1]
-                target = target[:, 1:].to(device)
+                logits = model(input_ids=inp.to(device), attention_mask=mask.to(device)).logits
+            logits, target = align_positions(logits, target.to(device), is_s2s)
             logp = torch.log_softmax(logits.float(), dim=-1)
             valid = target != -100
             tok = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid

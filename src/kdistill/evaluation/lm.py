@@ -24,6 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdistill.config import ModelConfig
+from kdistill.data import DataCollatorForDistillation, encode_examples, load_examples
+from kdistill.losses.divergences import forward_kl, reverse_kl
+from kdistill.models import compare_tokenizers, kd_vocab_size, load_model, load_tokenizer
+from kdistill.models.heads import align_positions
+
 __all__ = ["lm_diagnostics", "add_parser", "run_cli", "format_table"]
 
 IGNORE_INDEX = -100
@@ -35,8 +41,6 @@ def _is_seq2seq(model) -> bool:
 
 def _encode_data(data, tokenizer, max_length: int, limit: int | None, seq2seq: bool) -> list[dict]:
     """`data`: a path/hub id, a list of Examples, or already-encoded rows ({input_ids, labels})."""
-    from kdistill.data import encode_examples, load_examples
-
     if isinstance(data, (str, Path)):
         examples = load_examples(str(data), limit=limit).examples
     else:
@@ -57,10 +61,9 @@ def _logits_and_targets(model, batch: dict, vocab: int, seq2seq: bool):
     labels = batch["labels"].to(device)
     if seq2seq:
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        logits, targets = out.logits, labels
     else:
         out = model(input_ids=input_ids, attention_mask=attention_mask)
-        logits, targets = out.logits[:, :-1], labels[:, 1:]
+    logits, targets = align_positions(out.logits, labels, seq2seq)
     mask = targets != IGNORE_INDEX
     return logits[..., :vocab][mask].float(), targets[mask]
 
@@ -79,10 +82,6 @@ def lm_diagnostics(teacher, students: dict, tokenizer, data, max_length: int = 2
     with `teacher` (perplexity, nll, entropy) and `students` (name -> kl, reverse_kl, top1_agreement,
     perplexity, nll, entropy, entropy_gap), plus `examples`, `tokens` and `vocab_size`.
     """
-    from kdistill.data import DataCollatorForDistillation
-    from kdistill.losses.divergences import forward_kl, reverse_kl
-    from kdistill.models import kd_vocab_size
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not students:
@@ -207,9 +206,6 @@ def _parse_students(specs: list[str]) -> dict[str, str]:
 
 
 def run_cli(args) -> int:
-    from kdistill.config import ModelConfig
-    from kdistill.models import compare_tokenizers, load_model, load_tokenizer
-
     teacher_cfg = ModelConfig(name_or_path=args.teacher)
     tokenizer = load_tokenizer(teacher_cfg)
     teacher = load_model(teacher_cfg, role="teacher")

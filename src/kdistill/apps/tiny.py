@@ -9,8 +9,15 @@ kdistill loads them exactly like a hub checkpoint, from a local path.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import torch
+
+from kdistill.config import config_from_dict
+from kdistill.models.loader import lm_class
+from kdistill.pipeline import run_training
 
 # A ChatML-style template written for kdistill's tiny models (the same conversation layout Qwen2.5 uses).
 CHATML_TEMPLATE = (
@@ -132,13 +139,9 @@ def t5_config(tokenizer, d_model: int = 64, num_layers: int = 2, num_decoder_lay
 
 
 def build_model(config, seed: int = 0):
-    """Instantiate a randomly initialised model from a config, deterministically."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
+    """Instantiate a randomly initialised causal or seq2seq LM from a config, deterministically."""
     torch.manual_seed(seed)
-    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return cls.from_config(config)
+    return lm_class(config).from_config(config)
 
 
 def make_tiny_pair(out_dir: str | Path, kind: str = "causal", data: str | Path | None = None,
@@ -171,17 +174,12 @@ def make_tiny_pair(out_dir: str | Path, kind: str = "causal", data: str | Path |
         tokenizer.save_pretrained(path)
         paths[role] = str(path)
     if teacher_steps > 0:
-        _pretrain(paths["teacher"], data, teacher_steps, out / "teacher-sft", seed)
+        pretrain(paths["teacher"], data, teacher_steps, out / "teacher-sft", seed)
     return paths
 
 
-def _pretrain(model_path: str, data, steps: int, work_dir: Path, seed: int) -> None:
+def pretrain(model_path: str, data, steps: int, work_dir: Path, seed: int) -> None:
     """Plain SFT of a tiny model with kdistill's own trainer (objective `ce`, no teacher), saved in place."""
-    import shutil
-
-    from kdistill.config import config_from_dict
-    from kdistill.pipeline import run_training
-
     cfg = config_from_dict({
         "student": {"name_or_path": model_path},
         "data": {"train": str(data), "max_length": 128, "skip_invalid": True},

@@ -16,12 +16,20 @@ import gzip
 import hashlib
 import json
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from kdistill.bundled import QUICKSTART_SENTENCES, STSB_DEV, bundled_path
+from kdistill.config import config_from_dict
+from kdistill.embedder import Embedder
 from kdistill.errors import UserError
+from kdistill.evaluation.sts import evaluate_sts, load_sts_pairs
+from kdistill.models import shrink
+from kdistill.pipeline import run_training
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +83,6 @@ class ModelReport:
 
 
 def _evaluate(name, embedder, pairs, batch_size) -> ModelReport:
-    from kdistill.evaluation.sts import evaluate_sts
-
     result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=batch_size), pairs, batch_size=batch_size)
     return ModelReport(name=name, layers=int(embedder.config.num_hidden_layers),
                        parameters=sum(p.numel() for p in embedder.backbone.parameters()),
@@ -89,8 +95,6 @@ def interleaved_throughput(embedders: dict, sentences: list[str], batch_size: in
 
     Alternating the models spreads the machine's drift over all of them instead of favouring whichever ran last.
     """
-    import statistics
-
     for embedder in embedders.values():  # warm-up: thread pools, allocator, first-call overheads
         embedder.encode(sentences[:2 * batch_size], batch_size=batch_size)
     samples: dict[str, list[float]] = {name: [] for name in embedders}
@@ -174,14 +178,6 @@ def run(out_dir: str | Path = "runs/quickstart", sts: str | None = None, layers:
     ``sts``: the evaluation pairs, a file or hub id (`kdistill.evaluation.sts.load_sts_pairs`); default: the bundled
     STS-B dev pairs (`kdistill.bundled.STSB_DEV`). Training sentences that occur in the evaluation pairs are left
     out of the training text."""
-    import torch
-
-    from kdistill.config import config_from_dict
-    from kdistill.embedder import Embedder
-    from kdistill.evaluation.sts import load_sts_pairs
-    from kdistill.models import shrink
-    from kdistill.pipeline import run_training
-
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
