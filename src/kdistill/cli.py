@@ -1,13 +1,14 @@
-"""`kdistill <command>`: the command-line entry point."""
+"""`kdistill <command>`: the command-line entry point (parses and dispatches; nothing imports it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+
+from kdistill.entry import LOG_FORMAT, run_command
 
 
 def _train_parser(sub) -> None:
@@ -255,44 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _debug_requested() -> bool:
-    """KDISTILL_DEBUG=1 (or true/yes): user errors keep their traceback."""
-    return os.environ.get("KDISTILL_DEBUG", "").lower() in ("1", "true", "yes")
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def module_main(prog: str, description: str, add_arguments, run, argv: list[str] | None = None) -> int:
-    """Entry point of a command module run as `python -m kdistill.<module>` (same arguments as its subcommand)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    from kdistill.errors import UserError
-
-    try:
-        return run(args)
-    except UserError as exc:
-        if _debug_requested():
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
-    from kdistill.errors import UserError
-
-    try:
-        return COMMANDS[args.command](args)
-    except (UserError, FileNotFoundError) as exc:  # user mistakes: one line; anything else is a bug (traceback)
-        if args.debug or _debug_requested():
-            raise
-        print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(f"kdistill {args.command}", COMMANDS[args.command], args, debug=args.debug)
 
 
 if __name__ == "__main__":

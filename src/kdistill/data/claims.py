@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdistill.data.records import DataValidationError
+from kdistill.data.io import DataValidationError, iter_json_lines
 
 
 @dataclass
@@ -37,14 +37,9 @@ def _claims(path: Path) -> "OrderedDict[str, dict]":
     claims: OrderedDict[str, dict] = OrderedDict()
     errors: list[str] = []
     with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                errors.append(f"{where}: invalid JSON: {exc.msg}")
+        for where, row, error in iter_json_lines(fh, str(path)):
+            if error is not None:
+                errors.append(f"{where}: invalid JSON: {error.msg}")
                 continue
             missing = [k for k in ("claim_id", "claim", "claim_label") if not isinstance(row.get(k), str)]
             if missing:

@@ -1,7 +1,8 @@
 """Loading and validating training records.
 
 A data source is a local JSON Lines file, a local JSON file (an array of objects, a single object, or
-JSON Lines saved under a ``.json`` name), or a Hugging Face ``datasets`` hub id / local dataset folder.
+JSON Lines saved under a ``.json`` name), or a Hugging Face ``datasets`` hub id / local dataset folder,
+read by :mod:`kdistill.data.io` (which also defines :class:`DataValidationError`, re-exported here).
 Every row becomes an :class:`Example` of one of three language-model kinds:
 
 * ``alpaca``: ``{"instruction": str, "input": str (optional, default ""), "output": str}``
@@ -34,18 +35,15 @@ All problems of one row are joined with ``"; "`` into one entry.
 
 from __future__ import annotations
 
-import bisect
-import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdistill.errors import HubUnavailableError, MissingFileError, UserError
-from kdistill.hub import offline_reason
+from kdistill.data.io import DataValidationError, by_line, load_hub_dataset, looks_local, read_json_rows
+from kdistill.errors import MissingFileError
 
 __all__ = [
     "DataValidationError",
@@ -65,8 +63,6 @@ LM_FORMATS = ("alpaca", "prompt_completion", "messages")
 EMBEDDING_FORMATS = ("triplet", "pair_score", "sentence")
 FORMATS = LM_FORMATS + EMBEDDING_FORMATS
 ROLES = ("system", "user", "assistant")
-_MAX_LISTED = 50
-_JSON_WS = " \t\n\r"
 _SHAPES = ("'messages' (messages), 'instruction' + 'output' with optional 'input' (alpaca), "
            "'prompt' + 'completion' (prompt_completion), 'anchor' + 'positive' with optional 'negative' "
            "(triplet; also 'sent0'/'sent1'/'hard_neg' or 'consensus'/'supporting'/'refuting'), "
@@ -94,27 +90,6 @@ _DETECT_KEYS: tuple[tuple[str, frozenset], ...] = (
     ("pair_score", frozenset({"sentence1", "sentence2", "sentence_A", "sentence_B"})),
     ("sentence", frozenset({"text", "sentence"})),
 )
-# "name" or "namespace/name" as the hub spells repository ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
-
-
-class DataValidationError(UserError, ValueError):
-    """Raised with every problem found in a data source.
-
-    ``errors`` holds all problems as ``"file:line: reason"`` strings; ``str()`` lists the first 50, one
-    per line, followed by ``"and N more"`` when there are more.
-    """
-
-    def __init__(self, errors: Iterable[str]):
-        self.errors: list[str] = list(errors)
-        shown = self.errors[:_MAX_LISTED]
-        lines = list(shown)
-        if len(self.errors) > len(shown):
-            lines.append(f"and {len(self.errors) - len(shown)} more")
-        super().__init__("\n".join(lines))
-
-    def __reduce__(self):  # keep `errors` intact through pickling (e.g. across worker processes)
-        return (type(self), (self.errors,))
 
 
 @dataclass(frozen=True)
@@ -375,7 +350,7 @@ def _collect(rows: Iterable[tuple[str, Any]], fmt: str, skip_invalid: bool, limi
         else:
             examples.append(Example(kind=kind, fields=fields, source=location))
     if preliminary:
-        messages = _by_line(list(preliminary) + messages)
+        messages = by_line(list(preliminary) + messages)
     if messages and not skip_invalid:
         raise DataValidationError(messages)
     if messages and not examples:
@@ -386,135 +361,7 @@ def _collect(rows: Iterable[tuple[str, Any]], fmt: str, skip_invalid: bool, limi
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading local files
-
-
-class _Lines:
-    """Char offset -> 1-based line number."""
-
-    def __init__(self, text: str):
-        self._starts = [0] + [m.end() for m in re.finditer("\n", text)]
-
-    def __call__(self, offset: int) -> int:
-        return bisect.bisect_right(self._starts, offset)
-
-
-def _skip_ws(text: str, i: int) -> int:
-    n = len(text)
-    while i < n and text[i] in _JSON_WS:
-        i += 1
-    return i
-
-
-def _parse_array(text: str, start: int, where: str, line_of: _Lines) -> tuple[list, list[str]]:
-    """Parse a top-level JSON array, returning ``[(location, element)]`` and fatal parse errors."""
-    decoder = json.JSONDecoder()
-    rows: list[tuple[str, Any]] = []
-    n = len(text)
-    i = _skip_ws(text, start + 1)
-    if i < n and text[i] == "]":
-        i += 1
-    else:
-        while True:
-            if i >= n:
-                return rows, [f"{where}:{line_of(n)}: malformed JSON: unterminated array (missing ']'); "
-                              f"file truncated?"]
-            try:
-                obj, end = decoder.raw_decode(text, i)
-            except json.JSONDecodeError as exc:
-                return rows, [f"{where}:{line_of(i)}: malformed JSON: {exc.msg} (line {exc.lineno}, "
-                              f"column {exc.colno}); the rest of the array was not checked"]
-            rows.append((f"{where}:{line_of(i)}", obj))
-            i = _skip_ws(text, end)
-            if i < n and text[i] == ",":
-                i = _skip_ws(text, i + 1)
-                if i < n and text[i] == "]":
-                    return rows, [f"{where}:{line_of(i)}: malformed JSON: trailing comma before ']'"]
-                continue
-            if i < n and text[i] == "]":
-                i += 1
-                break
-            if i >= n:
-                continue  # reported as unterminated on the next turn
-            return rows, [f"{where}:{line_of(i)}: malformed JSON: expected ',' or ']' after an array "
-                          f"element; the rest of the array was not checked"]
-    i = _skip_ws(text, i)
-    if i < n:
-        return rows, [f"{where}:{line_of(i)}: malformed JSON: extra data after the top-level array"]
-    return rows, []
-
-
-def _parse_json_lines(text: str, where: str) -> tuple[list, list[str]]:
-    rows: list[tuple[str, Any]] = []
-    errors: list[str] = []
-    # Split on "\n" only: str.splitlines() would also split on U+2028 etc., which may sit inside strings.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{where}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            errors.append(f"{where}:{number}: malformed JSON: {exc.msg} (column {exc.colno})")
-    return rows, errors
-
-
-def _first_line_is_a_row(text: str, first: int) -> bool:
-    """True for JSON Lines whose first row is an array: the first line parses on its own and more follows."""
-    end = text.find("\n", first)
-    if end < 0 or not text[end:].strip():
-        return False
-    try:
-        json.loads(text[first:end])
-    except json.JSONDecodeError:
-        return False
-    return True
-
-
-def _read_rows(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
-    """Read a local JSON / JSON Lines file into ``[(location, row)]`` and parse errors."""
-    where = str(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        return [], [f"{where}:{line}: malformed JSON: file is not valid UTF-8 ({exc.reason} at byte "
-                    f"{exc.start})"]
-    first = _skip_ws(text, 0)
-    if first >= len(text):
-        return [], [f"{where}:1: file contains no rows (it is empty)"]
-    line_of = _Lines(text)
-    if text[first] == "[" and not _first_line_is_a_row(text, first):
-        rows, errors = _parse_array(text, first, where, line_of)
-    else:
-        rows, errors = _parse_json_lines(text, where)
-        if errors:
-            # A single pretty-printed object spanning several lines.
-            try:
-                whole = json.loads(text)
-            except json.JSONDecodeError:
-                whole = None
-            if isinstance(whole, dict):
-                rows, errors = [(f"{where}:{line_of(first)}", whole)], []
-    if not rows and not errors:
-        errors = [f"{where}:{line_of(first)}: file contains no rows (empty JSON array)"]
-    return rows, errors
-
-
-# ----------------------------------------------------------------------------------------------------
 # Public API
-
-
-def looks_local(source: str) -> bool:
-    """True when ``source`` is shaped like a local path (a .json/.jsonl name, or a path that is no hub id)."""
-    if source.lower().endswith((".json", ".jsonl")):
-        return True
-    if source.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in source:
-        return True
-    if os.sep in source or (os.altsep and os.altsep in source):
-        # "namespace/name" is the shape of a hub id; anything else with a separator is a path.
-        return not _HUB_ID.match(source)
-    return False
 
 
 def load_rows(rows: Iterable[Mapping], name: str, format: str = "auto", skip_invalid: bool = False,
@@ -560,7 +407,7 @@ def load_examples(source: str, format: str = "auto", split: str = "train", skip_
     source = os.fspath(source)
     path = Path(source).expanduser()
     if path.is_file():
-        rows, parse_errors = _read_rows(path)
+        rows, parse_errors = read_json_rows(path)
         return _collect(rows, format, skip_invalid, limit, preliminary=parse_errors,
                         require_response=require_response)
     if path.is_dir() or not looks_local(source):
@@ -570,36 +417,3 @@ def load_examples(source: str, format: str = "auto", split: str = "train", skip_
                          require_response=require_response)
     raise MissingFileError(f"data file not found: {source!r} (resolved to {str(path.resolve())!r}); "
                             f"it looks like a local path, so it was not looked up on the Hugging Face hub")
-
-
-def _by_line(messages: list[str]) -> list[str]:
-    """Order "file:line: reason" messages by line number (stable for messages without one)."""
-
-    def key(msg: str) -> int:
-        m = re.match(r"^.*?:(\d+): ", msg)
-        return int(m.group(1)) if m else 0
-
-    return sorted(messages, key=key)
-
-
-def load_hub_dataset(source: str, split: str, option: str | None = None, subset: str | None = None):
-    """``datasets.load_dataset(source, [subset,] split=split)`` (a hub id or a local dataset folder), with the
-    failures a user can fix as one :class:`~kdistill.errors.HubUnavailableError` that names ``option``, the flag or config key that
-    takes a local .jsonl/.json file instead."""
-    import datasets
-
-    offline = None if Path(source).is_dir() else offline_reason()
-    try:
-        if subset:
-            return datasets.load_dataset(source, subset, split=split)
-        return datasets.load_dataset(source, split=split)
-    except Exception as exc:  # offline, unreachable, unknown id or split: datasets raises many types
-        reason = " ".join(str(exc).split())
-        if len(reason) > 300:
-            reason = reason[:300] + "..."
-        if offline:
-            reason = f"{offline}; {reason}"
-        hint = f"give {option} a" if option else "pass a local"
-        raise HubUnavailableError(f"{source!r} is not a local file and datasets.load_dataset(..., split={split!r}) "
-                                  f"failed ({type(exc).__name__}: {reason}); to use local data instead, {hint} "
-                                  f".jsonl/.json file") from exc

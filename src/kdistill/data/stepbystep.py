@@ -69,7 +69,8 @@ from typing import Any
 
 from ..errors import MissingFileError
 from ..evaluation.accuracy import eval_equation
-from .records import DataValidationError, _by_line, _read_rows, _string_field, _type_name
+from .io import DataValidationError, by_line, read_json_rows
+from .records import _string_field, _type_name
 
 __all__ = [
     "DATASETS",
@@ -279,7 +280,7 @@ def load_stepbystep(path: str | os.PathLike, dataset: str, skip_invalid: bool = 
     file = Path(os.fspath(path)).expanduser()
     if not file.is_file():
         raise MissingFileError(f"data file not found: {str(path)!r} (resolved to {str(file.resolve())!r})")
-    rows, parse_errors = _read_rows(file)
+    rows, parse_errors = read_json_rows(file)
     examples: list[RationaleExample] = []
     messages: list[str] = []
     for location, row in rows:
@@ -289,7 +290,7 @@ def load_stepbystep(path: str | os.PathLike, dataset: str, skip_invalid: bool = 
         else:
             examples.append(RationaleExample(source=location, **fields))
     if parse_errors:
-        messages = _by_line(list(parse_errors) + messages)
+        messages = by_line(list(parse_errors) + messages)
     if messages and not skip_invalid:
         raise DataValidationError(messages)
     if messages and not examples:

@@ -40,9 +40,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..annotate import parse_rationale, read_rows
+from ..annotate import parse_rationale
 from ..errors import MissingFileError
-from .records import DataValidationError
+from .io import DataValidationError, read_json, read_rows
 from .stepbystep import NLI_LABELS
 
 __all__ = ["RELEASE_DATASETS", "SPLITS", "SplitSummary", "convert", "main", "parse_output"]
@@ -107,10 +107,7 @@ def _completions(llm: Path, split: str, n_rows: int, split_path: Path) -> list[s
     outputs: list[str] = []
     for k in ks:
         path = llm / f"{split}_CoT_{k}.json"
-        try:
-            batch = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise DataValidationError([f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})"])
+        batch = read_json(path)
         if not isinstance(batch, list):
             raise DataValidationError([f"{path}:1: expected a JSON array of completion strings"])
         bad = [i for i, text in enumerate(batch) if not isinstance(text, str)]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kdistill.bundled import HATE_SPEECH, bundled_path
-from kdistill.data.records import load_hub_dataset, looks_local
+from kdistill.data.io import iter_json_lines, load_hub_dataset, looks_local, malformed_json
 from kdistill.errors import MissingFileError, UserError
 from kdistill.models.heads import align_positions
 from kdistill.models.loader import load_pretrained
@@ -176,15 +176,11 @@ class Task:
 
 def _jsonl_rows(path: Path):
     with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+        for location, row, error in iter_json_lines(fh, str(path)):
+            if error is not None:
+                raise UserError(malformed_json(location, error))
             if not isinstance(row, dict):
-                raise UserError(f"{path}:{line_no}: expected a JSON object, found {type(row).__name__}")
+                raise UserError(f"{location}: expected a JSON object, found {type(row).__name__}")
             yield row
 
 

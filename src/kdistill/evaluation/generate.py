@@ -16,10 +16,10 @@ Row shapes: alpaca -> its fields; prompt/completion -> ``instruction`` = prompt,
 when it has one, else the alpaca prompt) with ``chat_template=True``, template ``"alpaca"`` (no chat
 template) with ``chat_template=False``.
 
-``key`` = SHA-256 of the canonical JSON of ``{instruction, input, reference_output, occurrence, model,
-params, prompt}`` (``occurrence``: 0 for the first row with this content, 1 for its first duplicate...; so
-every input row gets exactly one output row). The file uses the append-only format of
-:mod:`kdistill.annotate` (its writer and reader are reused): a rerun skips keys already in the file and
+``key`` = :func:`kdistill.jobs.content_key` (SHA-256 of the canonical JSON) of ``{instruction, input,
+reference_output, occurrence, model, params, prompt}`` (``occurrence``: 0 for the first row with this
+content, 1 for its first duplicate...; so every input row gets exactly one output row). The file is a
+:mod:`kdistill.jobs` record store, as the annotation files are: a rerun skips keys already in the file and
 ignores a line cut short by a kill; records are written (one ``os.write`` each) after every batch, so a
 killed run loses at most the batch in flight.
 """
@@ -27,20 +27,22 @@ killed run loses at most the batch in flight.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-# Private helpers of kdistill.annotate reused on purpose: the append-only writer (one os.write per line,
-# O_APPEND, fsync) and the tolerant record reader.
-from kdistill.annotate import _Writer, load_annotations  # noqa: F401  (_Writer is private)
+from tqdm.auto import tqdm
+
+from kdistill.data.formatting import prompt_text
+from kdistill.data.records import DataValidationError, Example, load_examples
+from kdistill.entry import module_main
 from kdistill.errors import UserError
+from kdistill.generators import LocalTeacher, generation_params, lm_prompt_messages
+from kdistill.jobs import RecordWriter, content_key, in_batches, load_records, now
 from kdistill.models import require_generative
 
 __all__ = ["GenerateSummary", "add_parser", "generate_file", "generation_key", "main", "row_fields", "run_cli"]
@@ -82,10 +84,6 @@ def row_fields(example) -> dict:
 
 def _prompt(example, tokenizer, chat_template: bool) -> str:
     """The generation prompt of an example (its final response replaced by a placeholder, then cut off)."""
-    from kdistill.data.formatting import prompt_text
-    from kdistill.data.records import Example
-    from kdistill.generators import lm_prompt_messages
-
     kind, f = example.kind, example.fields
     if kind == "alpaca":
         ex = Example("alpaca", {**f, "input": f.get("input") or "", "output": "x"}, example.source)
@@ -98,10 +96,9 @@ def _prompt(example, tokenizer, chat_template: bool) -> str:
 
 
 def generation_key(fields: dict, occurrence: int, model: str, params: dict, prompt: str) -> str:
-    payload = {**{k: fields[k] for k in ("instruction", "input", "reference_output")}, "occurrence": occurrence,
-               "model": model, "params": dict(params), "prompt": prompt}
-    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    """The record key of one answer (see the module docstring)."""
+    return content_key({**{k: fields[k] for k in ("instruction", "input", "reference_output")},
+                        "occurrence": occurrence, "model": model, "params": dict(params), "prompt": prompt})
 
 
 def _refuse_other_writers(records, out_path, model: str, params: dict) -> None:
@@ -111,10 +108,6 @@ def _refuse_other_writers(records, out_path, model: str, params: dict) -> None:
         if record.get("model") != model or record.get("params") != params:
             raise UserError(f"{out_path}: already holds answers of model {record.get('model')!r} with parameters "
                             f"{record.get('params')!r}, not {model!r} with {params!r}; write to another --out file")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -127,11 +120,6 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
     its ``name_or_path`` has one), or a :class:`~kdistill.generators.LocalTeacher` (its own generation
     parameters are then overridden by the ones given here). Returns a :class:`GenerateSummary`.
     """
-    from tqdm.auto import tqdm
-
-    from kdistill.data.records import load_examples
-    from kdistill.generators import LocalTeacher
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples = load_examples(os.fspath(data), limit=limit, require_response=False, option="--data").examples
@@ -144,8 +132,6 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
     else:
         teacher = LocalTeacher(model_path_or_model, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
                                **gen)
-    from kdistill.generators import generation_params
-
     params = generation_params(**{**teacher.params, **{k: v for k, v in gen.items()}, "do_sample": None})
     out_path = Path(out_path)
 
@@ -159,24 +145,23 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
         seen[content] = occurrence + 1
         jobs.append((generation_key(fields, occurrence, teacher.id, params, prompt), fields, prompt, example.source))
 
-    existing = load_annotations(out_path)
+    existing = load_records(out_path)
     _refuse_other_writers(existing.values(), out_path, teacher.id, params)
     done = set(existing)
     summary = GenerateSummary(total=len(jobs), out_path=str(out_path))
     todo = [job for job in jobs if job[0] not in done]
     summary.skipped = len(jobs) - len(todo)
-    writer = _Writer(out_path, fsync_every=1)
+    writer = RecordWriter(out_path, fsync_every=1)
     call_params = {k: params[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
                    if k in params}
     try:
         with tqdm(total=len(todo), desc="generate", unit="row", disable=not progress, dynamic_ncols=True) as bar:
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
+            for chunk in in_batches(todo, batch_size):
                 answers = teacher.generate([job[2] for job in chunk], **call_params)
                 for (key, fields, _prompt_text, source), answer in zip(chunk, answers):
                     writer.write({"key": key, "status": "ok", **fields, "generate_output": answer,
                                   "model": teacher.id, "params": params, "chat_template": bool(chat_template),
-                                  "source": source, "time": _now()})
+                                  "source": source, "time": now()})
                     summary.generated += 1
                 bar.update(len(chunk))
     finally:
@@ -215,8 +200,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_cli(args) -> int:
     """Run ``generate`` from parsed arguments. Exit code 0, or 2 on an error (printed to stderr)."""
-    from kdistill.data.records import DataValidationError
-
     try:
         summary = generate_file(args.model, args.data, args.out, max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -231,8 +214,7 @@ def run_cli(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kdistill.cli import module_main
-
+    """``python -m kdistill.evaluation.generate``: the same arguments as ``kdistill generate``."""
     return module_main("python -m kdistill.evaluation.generate", "Generate answers to a test set (resumable).", _add_arguments, run_cli, argv)
 
 

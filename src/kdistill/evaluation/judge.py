@@ -15,7 +15,7 @@ Pairwise (:func:`judge_pairwise`)
     when it wins in both orders; anything else (a tie, or position-inconsistent verdicts) is a tie. A row
     with an invalid verdict (after retries) is invalid. ``win_rate = (wins_A + 0.5 * ties) / valid rows``.
 
-Cache (append-only JSON Lines at ``out_path``, the format and writer of :mod:`kdistill.annotate`)::
+Cache (append-only JSON Lines at ``out_path``, a :mod:`kdistill.jobs` record store like the annotation files)::
 
     scores:   {"key", "status": "ok" | "unparsable" | "failed", "mode": "score", "judge": <model>,
                "answers_key": <the generate row's key>, "instruction", "input", "reference_output",
@@ -27,181 +27,41 @@ Cache (append-only JSON Lines at ``out_path``, the format and writer of :mod:`kd
 
 ``status``: ``ok`` = a valid judgement; ``unparsable`` = still invalid after the retries (the judge's
 final word: kept on rerun, counted as invalid); ``failed`` = the request itself failed (ChatError after
-the client's retries; redone on rerun, counted as invalid meanwhile). ``key`` = SHA-256 of the canonical
-JSON of (mode, judge model, the client's params, template, dimensions, row content), so a change of any of
-them asks again. A rerun skips keys whose last record is ``ok`` / ``unparsable``; a line cut short by a
-kill is ignored.
+the client's retries; redone on rerun, counted as invalid meanwhile). ``key`` =
+:func:`kdistill.jobs.content_key` (SHA-256 of the canonical JSON) of (mode, judge model, the client's params,
+template, dimensions, row content), so a change of any of them asks again. A rerun skips keys whose last
+record is ``ok`` / ``unparsable``; a line cut short by a kill is ignored.
 
-Score values: ints 0..5; integral floats (``4.0``) and integer strings (``"4"``) are accepted as that
-integer; fractions (``4.5``), other strings, booleans, ``null`` and values outside 0..5 make the whole
-judgement invalid (the template asks for integers, and a half point means the format was not followed).
+Replies are read by :mod:`kdistill.evaluation.judge_parse` (what counts as a valid score is described there).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
-import math
-import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-# Private helper of kdistill.annotate reused on purpose: the append-only writer.
-from kdistill.annotate import _Writer, load_annotations
+from tqdm.auto import tqdm
+
+from kdistill.entry import module_main
 from kdistill.errors import MissingFileError, UserError
+from kdistill.generators import ChatClient, ChatError
+from kdistill.jobs import RecordWriter, content_key, load_records, now, run_concurrent
+
+from .judge_parse import (DIMENSIONS, JUDGE_TEMPLATE, MAX_SCORE, MIN_SCORE, PAIRWISE_TEMPLATE, parse_judgement,
+                          parse_verdict)
 
 __all__ = ["DIMENSIONS", "JUDGE_TEMPLATE", "PAIRWISE_TEMPLATE", "JudgeSummary", "PairwiseSummary", "add_parser",
            "judge_file", "judge_pairwise", "load_answers", "main", "parse_judgement", "parse_verdict", "run_cli"]
 
 logger = logging.getLogger(__name__)
-
-DIMENSIONS = ("Correctness", "Completeness", "Relevance", "Fluency")
-MIN_SCORE, MAX_SCORE = 0, 5
-
-JUDGE_TEMPLATE = """You are a strict, impartial judge of answers to instructions.
-
-[Instruction]
-{instruction}
-
-[Input]
-{input}
-
-[Reference answer]
-{reference_output}
-
-[Answer to judge]
-{answer}
-[End of answer]
-
-Rate the answer to judge on each of these dimensions: {dimensions}. Use integers from 0 (worst) to 5 (best);
-the reference answer shows what a good answer contains. Reply with strict JSON only, no other text, in exactly
-this shape:
-{json_example}"""
-
-PAIRWISE_TEMPLATE = """You are a strict, impartial judge. Compare two answers to the same instruction.
-
-[Instruction]
-{instruction}
-
-[Input]
-{input}
-
-[Reference answer]
-{reference_output}
-
-[Answer 1]
-{answer_1}
-[End of answer 1]
-
-[Answer 2]
-{answer_2}
-[End of answer 2]
-
-Which answer is better (more correct, complete, relevant and fluent)? Do not let the order of the answers or
-their length alone decide. Reply with strict JSON only, no other text: {{"winner": "1"}}, {{"winner": "2"}} or
-{{"winner": "tie"}}."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Parsing
-
-
-def _json_objects(text: str):
-    """Every JSON object in ``text``, in order of its opening brace (the first balanced ``{...}`` that parses
-    first); ``` fences and surrounding prose are skipped over."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            value, _ = decoder.raw_decode(text, match.start())
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            yield value
-
-
-def _score(value: Any) -> int | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            return None
-        number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
-        number = int(value)
-    else:
-        return None
-    return number if MIN_SCORE <= number <= MAX_SCORE else None
-
-
-def _lookup(obj: Mapping, dimensions: Sequence[str]) -> dict | None:
-    lowered: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = str(key).strip().lower()
-        if name in lowered and lowered[name] != value:
-            return None  # "Correctness": 4 and "correctness": 2: ambiguous
-        lowered[name] = value
-    scores = {}
-    for dim in dimensions:
-        name = dim.strip().lower()
-        if name not in lowered:
-            return None
-        score = _score(lowered[name])
-        if score is None:
-            return None
-        scores[dim] = score
-    return scores
-
-
-def parse_judgement(text: str | None, dimensions: Sequence[str] = DIMENSIONS) -> dict | None:
-    """``{dimension: int score}`` from a judge's reply, or ``None`` when it is invalid.
-
-    The first JSON object in the text that parses (inside ``` fences or prose too) is used; if it lacks the
-    dimensions but holds a ``"scores"`` object, that one. Keys match the dimensions case-insensitively (extra
-    keys such as an explanation are ignored). Invalid: no JSON object, a missing dimension, or a value that
-    is not an integer 0..5 (see the module doc for what counts as an integer).
-    """
-    if not text or not dimensions:
-        return None
-    for obj in _json_objects(text):
-        scores = _lookup(obj, dimensions)
-        if scores is None:
-            nested = next((v for k, v in obj.items() if str(k).strip().lower() == "scores"), None)
-            if isinstance(nested, Mapping):
-                scores = _lookup(nested, dimensions)
-        return scores  # only the first object counts
-    return None
-
-
-def parse_verdict(text: str | None) -> str | None:
-    """``"1"``, ``"2"`` or ``"tie"`` from a pairwise reply ``{"winner": ...}`` (first JSON object; key and
-    value case-insensitive; ints 1/2 accepted); ``None`` when invalid."""
-    if not text:
-        return None
-    for obj in _json_objects(text):
-        value = next((v for k, v in obj.items() if str(k).strip().lower() == "winner"), None)
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int) and value in (1, 2):
-            return str(value)
-        if isinstance(value, str):
-            value = value.strip().lower()
-            value = {"answer 1": "1", "answer 2": "2"}.get(value, value)
-            if value in ("1", "2", "tie"):
-                return value
-        return None
-    return None
-
 
 # ----------------------------------------------------------------------------------------------------
 # Files
@@ -214,7 +74,7 @@ def load_answers(path) -> list[dict]:
         raise MissingFileError(f"answers file not found: {str(path)!r}")
     rows = []
     counts: dict = {}
-    records = load_annotations(path, counts)
+    records = load_records(path, counts)
     if counts["unreadable"] and records:
         print(f"note: {path}: {counts['unreadable']} unreadable line(s) skipped (cut short by a killed run; a "
               f"resumed kdistill generate rewrites those rows), {len(records)} record(s) read", file=sys.stderr)
@@ -229,21 +89,12 @@ def load_answers(path) -> list[dict]:
     return rows
 
 
-def _key(payload: dict) -> str:
-    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
 def _refuse_other_judges(records, out_path, judge: str, mode: str) -> None:
     """A judgement file holds one judge's verdicts of one mode; mixing in another's would average two judges."""
     for record in records:
         if record.get("judge") != judge or record.get("mode") != mode:
             raise UserError(f"{out_path}: already holds {record.get('mode')} judgements by {record.get('judge')!r}, "
                             f"not {mode} judgements by {judge!r}; write to another --out file")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _check_template(template: str, fields: Sequence[str]) -> None:
@@ -256,8 +107,6 @@ def _check_template(template: str, fields: Sequence[str]) -> None:
 
 def _ask(client, prompt: str, parse: Callable[[str], Any], max_invalid_retries: int):
     """``(parsed | None, replies, error | None)``: ask, re-asking while the reply is invalid."""
-    from kdistill.generators import ChatError
-
     replies: list[str] = []
     for _ in range(max_invalid_retries + 1):
         try:
@@ -269,36 +118,6 @@ def _ask(client, prompt: str, parse: Callable[[str], Any], max_invalid_retries: 
         if parsed is not None:
             return parsed, replies, None
     return None, replies, None
-
-
-def _run(jobs: list, work: Callable, writer: _Writer, concurrency: int, progress: bool, desc: str) -> None:
-    """Run ``work(job) -> record`` over ``jobs`` in a thread pool, writing each record as it completes."""
-    from tqdm.auto import tqdm
-
-    if not jobs:
-        return
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="judge")
-    pending = iter(jobs)
-    in_flight: dict = {}
-    finished = False
-    try:
-        with tqdm(total=len(jobs), desc=desc, unit="row", disable=not progress, dynamic_ncols=True) as bar:
-            for job in pending:
-                in_flight[pool.submit(work, job)] = job
-                if len(in_flight) >= concurrency:
-                    break
-            while in_flight:
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    in_flight.pop(future)
-                    writer.write(future.result())
-                    bar.update(1)
-                    job = next(pending, None)
-                    if job is not None:
-                        in_flight[pool.submit(work, job)] = job
-        finished = True
-    finally:
-        pool.shutdown(wait=finished, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,13 +146,17 @@ class JudgeSummary:
 
 
 def _judge_into(out_path, todo, work, concurrency, progress, label) -> dict:
-    """Run the pending jobs, appending one record per job to `out_path`; return the last record per key."""
-    writer = _Writer(out_path, fsync_every=1)
-    try:
-        _run(todo, work, writer, concurrency, progress, label)
-    finally:
-        writer.close()
-    return load_annotations(out_path)
+    """Run ``work(job) -> record`` over the pending jobs, ``concurrency`` at a time, appending each record to
+    `out_path` as it completes; return the last record per key."""
+    with RecordWriter(out_path, fsync_every=1) as writer, \
+            tqdm(total=len(todo), desc=label, unit="row", disable=not progress or not todo, dynamic_ncols=True) as bar:
+
+        def on_result(job, record: dict) -> None:
+            writer.write(record)
+            bar.update(1)
+
+        run_concurrent(todo, work, on_result, concurrency, name="judge")
+    return load_records(out_path)
 
 
 def judge_file(answers_path, out_path, client, model_name: str | None = None, template: str = JUDGE_TEMPLATE,
@@ -362,7 +185,7 @@ def judge_file(answers_path, out_path, client, model_name: str | None = None, te
     jobs, keys = [], []
     for row in load_answers(answers_path):
         content = {k: row.get(k) or "" for k in ("instruction", "input", "reference_output", "generate_output")}
-        key = _key({"mode": "score", "judge": judge, "params": params, "template": template,
+        key = content_key({"mode": "score", "judge": judge, "params": params, "template": template,
                     "dimensions": dimensions, "row": content})
         keys.append(key)
         prompt = template.format(instruction=content["instruction"], input=content["input"] or "(none)",
@@ -370,7 +193,7 @@ def judge_file(answers_path, out_path, client, model_name: str | None = None, te
                                  dimensions=", ".join(dimensions), json_example=json_example)
         jobs.append((key, row.get("key"), content, prompt))
 
-    existing = load_annotations(out_path)
+    existing = load_records(out_path)
     _refuse_other_judges(existing.values(), out_path, judge, "score")
     unique = {job[0]: job for job in jobs}
     todo = [job for key, job in unique.items()
@@ -384,7 +207,7 @@ def judge_file(answers_path, out_path, client, model_name: str | None = None, te
         record = {"key": key, "status": "ok" if scores is not None else ("failed" if error else "unparsable"),
                   "mode": "score", "judge": judge, "answers_key": answers_key, **content,
                   "dimensions": dimensions, "scores": scores, "raw": replies, "attempts": len(replies),
-                  "time": _now(), "elapsed_s": round(time.monotonic() - start, 3)}
+                  "time": now(), "elapsed_s": round(time.monotonic() - start, 3)}
         if error:
             record["error"] = error
         return record
@@ -458,13 +281,13 @@ def judge_pairwise(answers_a, answers_b, out_path, client, model_name: str | Non
     for instruction, inp in shared:
         a, b = rows_a[(instruction, inp)]["generate_output"], rows_b[(instruction, inp)]["generate_output"]
         reference = rows_a[(instruction, inp)].get("reference_output") or ""
-        key = _key({"mode": "pairwise", "judge": judge, "params": params, "template": template,
+        key = content_key({"mode": "pairwise", "judge": judge, "params": params, "template": template,
                     "instruction": instruction, "input": inp, "reference_output": reference, "a": a, "b": b})
         prompts = [template.format(instruction=instruction, input=inp or "(none)", reference_output=reference,
                                    answer_1=first, answer_2=second) for first, second in ((a, b), (b, a))]
         jobs.append((key, instruction, inp, a, b, prompts))
 
-    existing = load_annotations(out_path)
+    existing = load_records(out_path)
     _refuse_other_judges(existing.values(), out_path, judge, "pairwise")
     todo = [job for job in jobs if job[0] not in existing or existing[job[0]]["status"] == "failed"]
 
@@ -487,7 +310,7 @@ def judge_pairwise(answers_a, answers_b, out_path, client, model_name: str | Non
             result, status = None, "failed" if error else "unparsable"
         record = {"key": key, "status": status, "mode": "pairwise", "judge": judge, "instruction": instruction,
                   "input": inp, "answer_a": a, "answer_b": b, "verdicts": verdicts, "result": result, "raw": raw,
-                  "attempts": sum(len(r) for r in raw), "time": _now(),
+                  "attempts": sum(len(r) for r in raw), "time": now(),
                   "elapsed_s": round(time.monotonic() - start, 3)}
         if error:
             record["error"] = error
@@ -565,8 +388,6 @@ def _write_summary(summary, path: Path, **about) -> None:
 def run_cli(args) -> int:
     """Run ``judge``. Prints per answers file the mean of each dimension and valid/total (pairwise: the win
     rate of A and wins/ties/losses). Exit code 0, 1 when some judgement is invalid, 2 on an error."""
-    from kdistill.generators import ChatClient, ChatError
-
     try:
         client = ChatClient(args.base_url, args.api_model, api_key_env=args.api_key_env, timeout=args.timeout,
                             max_retries=args.max_retries, backoff=args.backoff,
@@ -602,8 +423,7 @@ def run_cli(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kdistill.cli import module_main
-
+    """``python -m kdistill.evaluation.judge``: the same arguments as ``kdistill judge``."""
     return module_main("python -m kdistill.evaluation.judge", "LLM-as-a-judge over generate outputs (resumable).", _add_arguments, run_cli, argv)
 
 

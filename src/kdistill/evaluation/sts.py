@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from kdistill.data.records import load_examples
+
 __all__ = ["STSResult", "cosine_scores", "evaluate_sts", "load_sts_pairs", "sts_correlations"]
 
 _EPS = 1e-12  # torch.nn.functional.normalize's default eps: a zero vector has cosine 0 with anything
@@ -170,8 +172,6 @@ def load_sts_pairs(source: str, limit: int | None = None, split: str = "validati
     row must be a ``pair_score`` row. ``limit`` keeps the first N pairs. ``option``: the flag that named
     ``source``, for the error when a hub id cannot be loaded.
     """
-    from kdistill.data.records import load_examples
-
     loaded = load_examples(source, format="pair_score", split=split, skip_invalid=skip_invalid, limit=limit,
                            option=option)
     return [(e.fields["sentence1"], e.fields["sentence2"], e.fields["score"]) for e in loaded.examples]

@@ -1,0 +1,7 @@
+"""``python -m kdistill.annotate``."""
+
+import sys
+
+from kdistill.annotate.cli import main
+
+sys.exit(main())
