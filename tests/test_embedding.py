@@ -196,14 +196,15 @@ def test_embedding_kd_projection_for_different_widths_is_not_exported(decoder_to
     assert not any("projection" in k or "objective_parts" in k for k in saved)
 
 
-def test_eval_sts_cli_spearman_equals_sentence_transformers_evaluator(minilm, capsys):
+def test_eval_sts_cli_spearman_equals_sentence_transformers_evaluator(minilm, capsys, tmp_path):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.evaluation import EmbeddingSimilarityEvaluator
 
     from kdistill.cli import main
 
     rows = [json.loads(line) for line in STS_DEV.read_text().splitlines()[:200]]
-    assert main(["eval", "sts", "--model", minilm, "--data", str(STS_DEV), "--limit", "200"]) == 0
+    assert main(["eval", "sts", "--model", minilm, "--data", str(STS_DEV), "--limit", "200",
+                 "--out", str(tmp_path / "sts.json")]) == 0
     out = capsys.readouterr().out
     ours = float(out.split("spearman:")[1].split()[0])
     evaluator = EmbeddingSimilarityEvaluator([r["sentence1"] for r in rows], [r["sentence2"] for r in rows],

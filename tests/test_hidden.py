@@ -209,7 +209,7 @@ def _one_sgd_step(pair, data, tmp_path, batch_size, accumulation):
                      lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
     raw["objectives"] = {"hidden": {"hidden_loss": "cosine"}}
     prepared = prepare(config_from_dict(raw))
-    assert prepared.trainer.output_hidden_states
+    assert "hidden_states" in prepared.trainer.model_outputs
     before = {n: p.detach().clone() for n, p in prepared.student.named_parameters()}
     prepared.trainer.train()
     deltas = {n: (p.detach() - before[n]) for n, p in prepared.student.named_parameters()}
@@ -229,6 +229,7 @@ def test_hidden_states_requested_only_when_needed(tiny_causal, alpaca_small, tmp
     raw = run_config(tiny_causal["teacher"], tiny_causal["student"], alpaca_small, tmp_path)
     raw["objectives"] = {"ce": {}, "kd": {}}
     trainer = prepare(config_from_dict(raw)).trainer
-    assert not trainer.output_hidden_states
-    inputs = trainer._model_inputs(trainer.model, _batch(tiny_causal["student"], alpaca_small, n=2))
-    assert "output_hidden_states" not in inputs
+    assert not trainer.model_outputs
+    with torch.no_grad():
+        outputs = trainer.step_batch(trainer.model, _batch(tiny_causal["student"], alpaca_small, n=2)).student_outputs
+    assert outputs.hidden_states is None  # the student's forward did not ask for them

@@ -72,8 +72,8 @@ def test_training_from_cache_needs_no_teacher_and_equals_live_kd(tiny_causal, al
     build_cache(config_from_dict(raw), progress=False)
     live = prepare(config_from_dict(raw | {"cache": {}}))
     cached = prepare(config_from_dict(raw))
-    assert cached.teacher is None and cached.trainer.teacher is None
-    assert cached.trainer.topk_temperature == 1.0
+    assert cached.teacher is None and cached.trainer.teacher.model is None  # the cache, no model in memory
+    assert cached.trainer.teacher.capture_temperature == 1.0
     batch = cached.trainer.data_collator([cached.trainer.train_dataset[i] for i in range(4)])
     assert batch["teacher_topk_indices"].shape == (int(batch["labels"][:, 1:].ne(-100).sum()), vocab)
     live_batch = {k: v for k, v in batch.items() if not k.startswith("teacher_topk")}

@@ -12,7 +12,6 @@ from kdistill.models.save import load_student, save_student
 from kdistill.models.shrink import shrink
 from kdistill.models.tokenizers import VocabularyMismatchError, compare_tokenizers, kd_vocab_size, load_tokenizer
 
-_DTYPES = DTYPES  # the name pipeline.py imports today; it goes once pipeline imports DTYPES
 
 __all__ = ["DTYPES", "GENERATIVE_SUFFIXES", "LORA_TASK_TYPES", "ModelUnavailableError", "OutputHead",
            "VocabularyMismatchError", "align_positions", "apply_lora", "base_model", "chunking_problem",
