@@ -176,3 +176,22 @@ def test_tiny_command_writes_a_loadable_pair(tmp_path, alpaca_small, capsys):
                  "--vocab-size", "300"]) == 0
     paths = json.loads(capsys.readouterr().out)
     assert Path(paths["teacher"], "config.json").exists() and Path(paths["student"], "tokenizer.json").exists()
+
+
+def test_an_objective_refuses_a_key_it_does_not_have_with_its_line(tmp_path):
+    """Each objective has its own config: ce takes no divergence (it used to be silently accepted)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {name_or_path: x}\ndata: {train: d.jsonl}\nobjectives:\n  ce:\n    weight: 1\n"
+                    "    divergence: jsd\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:6: objectives\.ce\.divergence: unknown key \(valid keys: type, "
+                                          r"weight, view\)"):
+        load_config(path)
+    path.write_text("student: {name_or_path: x}\nteacher: {name_or_path: y}\ndata: {train: d.jsonl}\n"
+                    "objectives:\n  mine:\n    type: kd\n    divergence: jsd\n    beta: 1.0\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:8: objectives\.mine\.beta: 1\.0 makes jsd identically zero"):
+        load_config(path)
+    cfg = config_from_dict({"student": {"name_or_path": "x"}, "teacher": {"name_or_path": "y"},
+                            "data": {"train": "d"}, "objectives": {"rationale": {"type": "ce", "view": "rationale"},
+                                                                   "contrastive_kd": {"type": "kd"}}})
+    assert [type(o).__name__ for o in cfg.objectives.values()] == ["CrossEntropyConfig", "LogitKDConfig"]
+    assert cfg.objectives["contrastive_kd"].temperature == 1.0  # the objective's own default, saved with the run

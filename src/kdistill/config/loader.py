@@ -284,9 +284,10 @@ def describe(cls=RunConfig, prefix: str = "") -> list[str]:
             out.extend(describe(ObjectiveConfig, key + ".<name>."))
             common = {f.name for f in dataclasses.fields(ObjectiveConfig)}
             for kind, objective in OBJECTIVES.items():
-                own = [line for line in describe(objective.Config, f"{key}.<name>.")
-                       if line.split(" ", 1)[0].rsplit(".", 1)[-1] not in common]
-                out.extend(f"{line}  [type {kind}]" for line in own)
+                doc = (objective.Config.__doc__ or "").strip().splitlines()[0].removeprefix(f"{kind}: ")
+                out.append(f"{key}.<name> with type: {kind}: {doc}")
+                out.extend(f"  {line}" for line in describe(objective.Config, key + ".<name>.")
+                           if line.split(" ", 1)[0].rsplit(".", 1)[-1] not in common)
             continue
         if f.default is not dataclasses.MISSING:
             default = f.default
