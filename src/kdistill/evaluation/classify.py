@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from kdistill.annotate import parse_label
 from kdistill.bundled import HATE_SPEECH, bundled_path
 from kdistill.data.io import iter_json_lines, load_hub_dataset, looks_local, malformed_json
 from kdistill.errors import MissingFileError, UserError
+from kdistill.generators import LocalTeacher
 from kdistill.models.heads import align_positions
 from kdistill.models.loader import load_pretrained
 
@@ -352,9 +354,6 @@ def loglik_predict(model, tokenizer, prompts: Sequence[str], continuations: Sequ
 def generate_predict(model, tokenizer, task: Task, prompts: Sequence[str], batch_size: int = 16,
                      max_new_tokens: int = 16) -> tuple[list[str | None], list[str]]:
     """Greedy answers and the labels parsed from them (``None`` when no single label is named)."""
-    from kdistill.annotate import parse_label
-    from kdistill.generators import LocalTeacher
-
     teacher = LocalTeacher(model, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            do_sample=False, chat=False)
     outputs = teacher.generate(list(prompts), max_new_tokens=max_new_tokens, do_sample=False)
