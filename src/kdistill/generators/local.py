@@ -7,13 +7,11 @@ from collections.abc import Sequence
 
 from kdistill.data.formatting import prompt_text
 from kdistill.data.records import Example
+from kdistill.models.loader import DTYPES, load_pretrained
 
 from .protocol import generation_params, lm_prompt_messages
 
 __all__ = ["LocalTeacher"]
-
-_DTYPES = ("float32", "float16", "bfloat16", "auto")
-
 
 class LocalTeacher:
     """A local transformers model (causal or seq2seq) that generates text in batches.
@@ -47,7 +45,7 @@ class LocalTeacher:
                  seed: int | None = None, do_sample: bool | None = None, chat: bool | str = "auto",
                  teacher_id: str | None = None, **generate_kwargs):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -57,15 +55,14 @@ class LocalTeacher:
         self.batch_size = int(batch_size)
         self.chat = chat
         if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} or a torch dtype, got {dtype!r}")
-            dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+            if dtype != "auto" and dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join((*DTYPES, 'auto'))} or a torch dtype, got "
+                                 f"{dtype!r}")
+            dtype = dtype if dtype == "auto" else DTYPES[dtype]
         if isinstance(model_or_path, (str, os.PathLike)):
             name = os.fspath(model_or_path)
-            config = AutoConfig.from_pretrained(name)
-            cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
             kwargs = {"dtype": dtype} if dtype is not None else {}
-            model = cls.from_pretrained(name, **kwargs)
+            model = load_pretrained(name, "model", **kwargs)
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             model.to(device)

@@ -30,7 +30,7 @@ def load_embedder(model_cfg, emb_cfg, role: str) -> Embedder:
         model_cfg.name_or_path, pooling=None if emb_cfg.pooling == "auto" else emb_cfg.pooling,
         normalize=emb_cfg.normalize, append_eos=emb_cfg.append_eos,
         max_length=emb_cfg.max_length if role == "student" else None,
-        trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        trust_remote_code=model_cfg.trust_remote_code, key=f"{role}.name_or_path", **kwargs)
     if model_cfg.layers:
         embedder.backbone = shrink(embedder.backbone, model_cfg.layers)
     logger.info("loaded %s embedder %s (%s pooling, %d layers kept of the checkpoint's, %.1fM parameters)", role,
