@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from kdistill.entry import LOG_FORMAT, run_command
 
@@ -91,19 +90,9 @@ def _quickstart_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="Evaluate a model.")
     kinds = p.add_subparsers(dest="eval_kind", required=True)
-    sts = kinds.add_parser("sts", help="Spearman/Pearson (x100) of cosine similarity vs gold scores, throughput")
-    sts.add_argument("--model", required=True, help="Embedding model folder (sentence-transformers or kdistill)")
-    sts.add_argument("--data", default=None,
-                     help="{sentence1, sentence2, score} pairs: a .jsonl/.json file or a hub id (e.g. "
-                          "sentence-transformers/stsb); default: the 375 STS-B dev pairs kdistill ships")
-    sts.add_argument("--split", default="validation", help="Split, when --data is a hub id")
-    sts.add_argument("--out", default="sts.json", help="Result JSON (default: sts.json; kdistill report reads it)")
-    sts.add_argument("--batch-size", type=int, default=64)
-    sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
-    sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
-                     help="Override the folder's pooling (plain transformers folders: mean, eos for decoders)")
-    from kdistill.evaluation import classify, lm
+    from kdistill.evaluation import classify, lm, sts
 
+    sts.add_parser(kinds)
     classify.add_parser(kinds)
     lm.add_parser(kinds)
 
@@ -130,32 +119,9 @@ def cmd_eval(args) -> int:
         from kdistill.evaluation.lm import run_cli
 
         return run_cli(args)
-    return _eval_sts(args)
+    from kdistill.evaluation.sts import run_cli
 
-
-def _eval_sts(args) -> int:
-    from kdistill.bundled import STSB_DEV, bundled_path
-    from kdistill.embedder import Embedder
-    from kdistill.models import pretrained_config
-    from kdistill.evaluation.sts import evaluate_sts, load_sts_pairs
-
-    data = args.data or bundled_path(STSB_DEV)
-    pretrained_config(args.model, "--model")  # a missing folder or an unreachable hub id: one line
-    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
-    pairs = load_sts_pairs(data, limit=args.limit, split=args.split, option="--data")
-    result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=args.batch_size), pairs,
-                          batch_size=args.batch_size)
-    print(f"{args.model} on {args.data or 'the bundled STS-B dev pairs'} ({result.n_pairs} pairs, "
-          f"{embedder.pooling} pooling)")
-    print(f"spearman: {result.spearman:.2f}")
-    print(f"pearson: {result.pearson:.2f}")
-    print(f"sentences_per_second: {result.sentences_per_second:.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "data": args.data or "bundled:" + STSB_DEV,
-                               "pooling": embedder.pooling, **result.to_dict()}, indent=2) + "\n")
-    print(f"wrote {out}")
-    return 0
+    return run_cli(args)
 
 
 def cmd_train(args) -> int:

@@ -25,16 +25,22 @@ Where the two differ, and why it does not matter beyond float noise:
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from kdistill.bundled import STSB_DEV, bundled_path
 from kdistill.data.records import load_examples
+from kdistill.embedder import Embedder
+from kdistill.models import pretrained_config
 
-__all__ = ["STSResult", "cosine_scores", "evaluate_sts", "load_sts_pairs", "sts_correlations"]
+__all__ = ["STSResult", "add_parser", "cosine_scores", "evaluate_sts", "load_sts_pairs", "run_cli", "sts_correlations"]
 
 _EPS = 1e-12  # torch.nn.functional.normalize's default eps: a zero vector has cosine 0 with anything
 _WARMUP_SENTENCES = 8
@@ -175,3 +181,41 @@ def load_sts_pairs(source: str, limit: int | None = None, split: str = "validati
     loaded = load_examples(source, format="pair_score", split=split, skip_invalid=skip_invalid, limit=limit,
                            option=option)
     return [(e.fields["sentence1"], e.fields["sentence2"], e.fields["score"]) for e in loaded.examples]
+
+
+def add_parser(eval_subparsers) -> argparse.ArgumentParser:
+    """`kdistill eval sts`."""
+    sts = eval_subparsers.add_parser("sts", help="Spearman/Pearson (x100) of cosine similarity vs gold scores, throughput")
+    sts.add_argument("--model", required=True, help="Embedding model folder (sentence-transformers or kdistill)")
+    sts.add_argument("--data", default=None,
+                     help="{sentence1, sentence2, score} pairs: a .jsonl/.json file or a hub id (e.g. "
+                          "sentence-transformers/stsb); default: the 375 STS-B dev pairs kdistill ships")
+    sts.add_argument("--split", default="validation", help="Split, when --data is a hub id")
+    sts.add_argument("--out", default="sts.json", help="Result JSON (default: sts.json; kdistill report reads it)")
+    sts.add_argument("--batch-size", type=int, default=64)
+    sts.add_argument("--limit", type=int, default=None, help="First N pairs only")
+    sts.add_argument("--pooling", choices=("mean", "cls", "eos"), default=None,
+                     help="Override the folder's pooling (plain transformers folders: mean, eos for decoders)")
+    return sts
+
+
+def run_cli(args) -> int:
+    """`kdistill eval sts`: evaluate, print, write the result JSON (`--out`)."""
+
+    data = args.data or bundled_path(STSB_DEV)
+    pretrained_config(args.model, "--model")  # a missing folder or an unreachable hub id: one line
+    embedder = Embedder.from_pretrained(args.model, pooling=args.pooling)
+    pairs = load_sts_pairs(data, limit=args.limit, split=args.split, option="--data")
+    result = evaluate_sts(lambda texts: embedder.encode(texts, batch_size=args.batch_size), pairs,
+                          batch_size=args.batch_size)
+    print(f"{args.model} on {args.data or 'the bundled STS-B dev pairs'} ({result.n_pairs} pairs, "
+          f"{embedder.pooling} pooling)")
+    print(f"spearman: {result.spearman:.2f}")
+    print(f"pearson: {result.pearson:.2f}")
+    print(f"sentences_per_second: {result.sentences_per_second:.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "data": args.data or "bundled:" + STSB_DEV,
+                               "pooling": embedder.pooling, **result.to_dict()}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
