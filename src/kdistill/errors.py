@@ -9,15 +9,11 @@ traceback. Subclasses also derive from the built-in type callers caught before (
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "UserError", "MissingDependencyError", "HubUnavailableError", "MissingFileError"]
+__all__ = ["ConfigError", "UserError", "HubUnavailableError", "MissingFileError"]
 
 
 class UserError(Exception):
     """A mistake in what the user gave kdistill (config, data, paths, environment), with the place named."""
-
-
-class MissingDependencyError(UserError, ImportError):
-    """An optional extra is not installed; the message names the ``pip install`` command."""
 
 
 class HubUnavailableError(UserError, ValueError):
