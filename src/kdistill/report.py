@@ -7,7 +7,9 @@ generically: nested dicts of numbers are flattened to dotted keys; known shapes 
 mapping, a list of dicts with a `name`) become one table row per model. Teacher rows come first.
 
 The HTML page has inline CSS and its PNG charts embedded as base64 data URIs: it makes no external
-request. Every number shown comes from the files, formatted by :func:`format_number`.
+request. Every number shown comes from the files, formatted by :func:`format_number`. Reading the run folders
+and building the tables is :mod:`kdistill.report_data` (``load_run``, ``format_number`` are re-exported here);
+this module draws the charts and writes the two pages.
 """
 
 from __future__ import annotations
@@ -15,216 +17,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
-import math
 from pathlib import Path
 
-import yaml
-
-from kdistill.errors import MissingFileError
+from kdistill.report_data import (CONFIG_FILE, comparison_tables, config_highlights, format_number, is_number,
+                                  is_teacher_name, load_run, loss_terms)
 
 __all__ = ["build_report", "format_number", "load_run", "add_parser", "run_cli"]
 
-CONFIG_FILE = "kdistill_config.yaml"
-SUMMARY_FILE = "kdistill_summary.json"
-# JSON files a saved model, tokenizer, adapter or trainer checkpoint writes next to the results: not results.
-NOT_RESULTS = frozenset({
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "chat_template.json", "preprocessor_config.json", "adapter_config.json",
-    "model.safetensors.index.json", "trainer_state.json", "modules.json", "sentence_bert_config.json",
-    "config_sentence_transformers.json", "kdistill_embedding.json", "counts.json", SUMMARY_FILE,
-})
 _MAX_BAR_METRICS = 12
-
-
-def format_number(x) -> str:
-    """How every number appears in the report."""
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    x = float(x)
-    if math.isnan(x) or math.isinf(x):
-        return str(x)
-    if x != 0 and (abs(x) >= 1e6 or abs(x) < 1e-3):
-        return f"{x:.4g}"
-    return f"{x:.4f}"
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _flatten(obj, prefix: str = "") -> dict[str, float]:
-    """Nested dicts (and lists of numbers) -> {dotted.key: number}; strings and the rest are ignored."""
-    out: dict[str, float] = {}
-    if _is_number(obj):
-        out[prefix or "value"] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    elif isinstance(obj, list) and obj and all(_is_number(v) for v in obj) and len(obj) <= 8:
-        for i, v in enumerate(obj):
-            out[f"{prefix}[{i}]"] = v
-    return out
-
-
-def _is_teacher_name(name: str) -> bool:
-    return "teacher" in str(name).lower()
-
-
-def _result_rows(data) -> list[tuple[str, dict[str, float]]] | None:
-    """Known shapes -> [(model name, metrics)]; None when the result is one flat/nested dict of numbers."""
-    if isinstance(data, dict) and isinstance(data.get("students"), dict):  # kdistill eval lm and alike
-        rows = []
-        if isinstance(data.get("teacher"), dict):
-            rows.append(("teacher", _flatten(data["teacher"])))
-        rows += [(str(k), _flatten(v)) for k, v in data["students"].items()]
-        return rows
-    lists = [data] if isinstance(data, list) else [v for v in data.values() if isinstance(v, list)] \
-        if isinstance(data, dict) else []
-    for value in lists:  # quickstart `reports` and any list of named records
-        if value and all(isinstance(r, dict) and "name" in r for r in value):
-            return [(str(r["name"]), _flatten({k: v for k, v in r.items() if k != "name"})) for r in value]
-    return None
-
-
-def load_run(run_dir) -> dict:
-    """Read one run folder: name, config, log_history, summary numbers and results."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MissingFileError(f"run folder not found: {run_dir}")
-    config_path = next((p for p in (run_dir / CONFIG_FILE, *sorted(run_dir.glob(f"*/{CONFIG_FILE}")))
-                        if p.is_file()), None)
-    summary_path = next((p for p in (run_dir / SUMMARY_FILE, *sorted(run_dir.glob(f"*/{SUMMARY_FILE}")))
-                         if p.is_file()), None)
-    config = yaml.safe_load(config_path.read_text()) if config_path else None
-    summary = json.loads(summary_path.read_text()) if summary_path else {}
-    results = {}
-    for path in sorted(run_dir.glob("*.json")):
-        if path.name in NOT_RESULTS:
-            continue
-        try:
-            results[path.stem] = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-    log_history = summary.get("log_history") if isinstance(summary, dict) else None
-    return {
-        "name": run_dir.resolve().name,
-        "path": str(run_dir),
-        "config": config if isinstance(config, dict) else None,
-        "log_history": [e for e in (log_history or []) if isinstance(e, dict)],
-        "summary": _flatten({k: v for k, v in summary.items() if k != "log_history"})
-        if isinstance(summary, dict) else {},
-        "results": results,
-    }
-
-
-def _config_highlights(config: dict | None) -> list[tuple[str, str]]:
-    if not config:
-        return []
-    out = []
-
-    def model(section):
-        m = config.get(section)
-        if not isinstance(m, dict) or not m.get("name_or_path"):
-            return None
-        text = str(m["name_or_path"])
-        if m.get("layers") is not None:
-            text += f" (layers {m['layers']})"
-        return text
-
-    for section in ("student", "teacher"):
-        text = model(section)
-        if text:
-            out.append((section, text))
-    objectives = config.get("objectives")
-    if isinstance(objectives, dict) and objectives:
-        parts = []
-        for name, obj in objectives.items():
-            if isinstance(obj, dict):
-                extras = ", ".join(f"{k}={v}" for k, v in obj.items()
-                                   if k not in ("weight",) and isinstance(v, (str, int, float, bool)))
-                weight = obj.get("weight", 1.0)
-                parts.append(f"{name} x {weight}" + (f" ({extras})" if extras else ""))
-            else:
-                parts.append(str(name))
-        out.append(("objectives", "; ".join(parts)))
-    data = config.get("data")
-    if isinstance(data, dict) and data.get("train"):
-        out.append(("data", str(data["train"])))
-    if isinstance(config.get("lora"), dict) and config["lora"].get("enabled", True) and config["lora"]:
-        lora = config["lora"]
-        out.append(("lora", ", ".join(f"{k}={v}" for k, v in lora.items() if isinstance(v, (int, float, str)))))
-    training = config.get("training")
-    if isinstance(training, dict):
-        keys = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-                "gradient_accumulation_steps")
-        text = ", ".join(f"{k}={training[k]}" for k in keys if k in training)
-        if text:
-            out.append(("training", text))
-    return out
-
-
-def _loss_terms(runs: list[dict]) -> list[str]:
-    terms: list[str] = []
-    for run in runs:
-        for entry in run["log_history"]:
-            for k, v in entry.items():
-                if _is_number(v) and (k == "loss" or k.startswith("loss/") or k == "eval_loss"
-                                      or k.startswith("eval_loss/")) and k not in terms:
-                    terms.append(k)
-    return terms
-
-
-def _final_losses(run: dict, terms: list[str]) -> dict[str, float]:
-    out = {}
-    for entry in run["log_history"]:
-        for k in terms:
-            if _is_number(entry.get(k)):
-                out[k] = entry[k]
-    return out
-
-
-def _tables(runs: list[dict]) -> list[dict]:
-    """[{title, columns, rows: [(label, is_teacher, {col: number})]}]"""
-    tables = []
-    terms = _loss_terms(runs)
-    train_rows = []
-    for run in runs:
-        metrics = {}
-        steps = [e["step"] for e in run["log_history"] if _is_number(e.get("step"))]
-        if steps:
-            metrics["step"] = max(steps)
-        metrics.update({f"final {k}": v for k, v in _final_losses(run, terms).items()})
-        for k in ("global_step", "train_runtime", "train_samples_per_second"):
-            if k in run["summary"] and k not in metrics:
-                metrics[k] = run["summary"][k]
-        if metrics:
-            train_rows.append((run["name"], _is_teacher_name(run["name"]), metrics))
-    if train_rows:
-        tables.append({"title": "Training", "rows": train_rows})
-
-    by_stem: dict[str, list] = {}
-    for run in runs:
-        for stem, data in run["results"].items():
-            rows = _result_rows(data)
-            teacher_run = _is_teacher_name(run["name"])
-            if rows is None:
-                rows = [(run["name"], teacher_run, _flatten(data))]
-            else:
-                rows = [(f"{run['name']} / {name}", teacher_run or _is_teacher_name(name), m) for name, m in rows]
-            by_stem.setdefault(stem, []).extend(r for r in rows if r[2])
-    for stem, rows in by_stem.items():
-        if rows:
-            tables.append({"title": f"Results: {stem}", "rows": rows})
-    for table in tables:
-        table["rows"].sort(key=lambda r: not r[1])  # stable: teacher rows first, otherwise file order
-        columns: list[str] = []
-        for _, _, m in table["rows"]:
-            columns += [k for k in m if k not in columns]
-        table["columns"] = columns
-    return tables
 
 
 # --------------------------------------------------------------------------------------------- charts
@@ -250,8 +50,8 @@ def _loss_chart(runs: list[dict], terms: list[str]) -> bytes | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
     for ax, term in zip(axes.flat, terms):
         for run in runs:
-            pts = [(e["step"], e[term]) for e in run["log_history"] if _is_number(e.get(term))
-                   and _is_number(e.get("step"))]
+            pts = [(e["step"], e[term]) for e in run["log_history"] if is_number(e.get(term))
+                   and is_number(e.get("step"))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", markersize=3, label=run["name"])
@@ -318,12 +118,12 @@ def build_report(run_dirs, out_dir, title: str = "kdistill report") -> tuple[Pat
     for i, run in enumerate(runs):  # unique names
         if names.count(run["name"]) > 1:
             run["name"] = f"{run['name']} ({i + 1})"
-    runs.sort(key=lambda r: not _is_teacher_name(r["name"]))
+    runs.sort(key=lambda r: not is_teacher_name(r["name"]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = _tables(runs)
+    tables = comparison_tables(runs)
     charts: list[tuple[str, str, bytes]] = []  # (caption, file name, png)
-    loss_png = _loss_chart(runs, _loss_terms(runs))
+    loss_png = _loss_chart(runs, loss_terms(runs))
     if loss_png:
         charts.append(("Loss curves per term", "loss_curves.png", loss_png))
     for i, table in enumerate(tables):
@@ -360,7 +160,7 @@ def build_report(run_dirs, out_dir, title: str = "kdistill report") -> tuple[Pat
     md += ["## Configuration", ""]
     md_html.append("<h2>Configuration</h2>")
     for run in runs:
-        items = _config_highlights(run["config"])
+        items = config_highlights(run["config"])
         md.append(f"### {run['name']}")
         md_html.append(f"<h3>{html.escape(run['name'])}</h3>")
         if not items:

@@ -70,7 +70,7 @@ from typing import Any
 from ..errors import MissingFileError
 from ..evaluation.accuracy import eval_equation
 from .io import DataValidationError, by_line, read_json_rows
-from .records import _string_field, _type_name
+from .validation import string_field, type_name
 
 __all__ = [
     "DATASETS",
@@ -141,7 +141,7 @@ def format_cqa_input(question: str, choices: list[str]) -> str:
 
 
 def _text(row: Mapping, name: str, problems: list[str], dataset: str) -> str | None:
-    return _string_field(row, name, problems, dataset, nonblank=True)
+    return string_field(row, name, problems, dataset, nonblank=True)
 
 
 def _optional_text(row: Mapping, name: str, problems: list[str]) -> str | None:
@@ -150,7 +150,7 @@ def _optional_text(row: Mapping, name: str, problems: list[str]) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        problems.append(f"field '{name}' must be a string, found {_type_name(value)}")
+        problems.append(f"field '{name}' must be a string, found {type_name(value)}")
         return None
     return value if value.strip() else None
 
@@ -168,7 +168,7 @@ def _nli_label(row: Mapping, problems: list[str], dataset: str) -> str | None:
                         f"(or an integer: {names})")
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        problems.append(f"field 'label' must be an integer ({names}), found {_type_name(value)}")
+        problems.append(f"field 'label' must be an integer ({names}), found {type_name(value)}")
         return None
     if not 0 <= value < len(NLI_LABELS):
         extra = " (SNLI's -1 means no gold label)" if value == -1 else ""
@@ -194,7 +194,7 @@ def _convert_cqa(row: Mapping, problems: list[str]):
         problems.append("missing required field 'choices' (format 'cqa')")
     elif not isinstance(row["choices"], (list, tuple)):
         problems.append(f"field 'choices' must be a list of {CQA_NUM_CHOICES} strings, "
-                        f"found {_type_name(row['choices'])}")
+                        f"found {type_name(row['choices'])}")
     elif len(row["choices"]) != CQA_NUM_CHOICES:
         problems.append(f"field 'choices' must hold exactly {CQA_NUM_CHOICES} choices, "
                         f"found {len(row['choices'])}")
@@ -202,7 +202,7 @@ def _convert_cqa(row: Mapping, problems: list[str]):
         ok = True
         for i, choice in enumerate(row["choices"]):
             if not isinstance(choice, str):
-                problems.append(f"choices[{i}] must be a string, found {_type_name(choice)}")
+                problems.append(f"choices[{i}] must be a string, found {type_name(choice)}")
                 ok = False
             elif not choice.strip():
                 problems.append(f"choices[{i}] is empty or whitespace-only")
@@ -235,7 +235,7 @@ def _convert_svamp(row: Mapping, problems: list[str]):
 
 def _convert(row: Any, dataset: str, nli_separator: str | None) -> tuple[dict | None, list[str]]:
     if not isinstance(row, Mapping):
-        return None, [f"row is not a JSON object (found {_type_name(row)})"]
+        return None, [f"row is not a JSON object (found {type_name(row)})"]
     problems: list[str] = []
     if dataset in ("esnli", "anli"):
         text, label = _convert_nli(row, problems, dataset, nli_separator)

@@ -11,7 +11,7 @@ as their dense counterparts but never hold more than a (chunk_size, V) block of 
   (:class:`kdistill.losses.topk.TopKTeacher`, ``topk_divergence`` on the student's projected logits);
 * :func:`chunked_cross_entropy`: next-token cross-entropy against integer targets (``F.cross_entropy``).
 
-All three share one engine (``_ChunkedLoss``):
+All three share one engine (:class:`kdistill.losses.chunked_engine.ChunkedLoss`):
 
 * the counted positions (``mask``) are selected first and flattened to (N, H);
 * the N rows are processed ``chunk_size`` at a time (``"auto"``, the default: as many as fit a fixed working-set
@@ -55,12 +55,11 @@ Conventions and limits
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses.divergences import DIVERGENCE_PARAMS, DIVERGENCES, _check_temperature
+from kdistill.losses.chunked_engine import ChunkedLoss, compute_dtype, denominator, need_grads, select_rows
+from kdistill.losses.divergences import DIVERGENCE_PARAMS, DIVERGENCES, check_temperature
 from kdistill.losses.topk import TopKTeacher, topk_divergence
 
 __all__ = ["chunked_distillation_loss", "chunked_topk_distillation_loss", "chunked_cross_entropy",
@@ -74,12 +73,6 @@ WORKING_SET = {"distillation": 10, "topk": 8, "cross_entropy": 2, "projection": 
 (float32, V = 151,936, forward + backward): dense teacher 5.3 (forward/reverse KL), 4.1 (tvd), 9.6 (jsd); top-k
 teacher 3.3 (forward KL); cross-entropy 1.1. ``projection`` is a teacher's no-grad projection + log-softmax + top-k
 (``kdistill cache``)."""
-
-ChunkLoss = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, stop, logits_s chunk) -> summed loss
-
-
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(h.dtype, torch.float32)
 
 
 def auto_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype = torch.float32,
@@ -169,105 +162,11 @@ def _check_common(reduction, chunk_size, name):
         raise ValueError(f"chunk_size must be an integer >= 1 or 'auto', got {chunk_size!r}")
 
 
-def _denominator(reduction, num_items, n):
-    if reduction == "sum":
-        return 1.0
-    if num_items is None:
-        return float(max(n, 1))
-    if torch.is_tensor(num_items):
-        return float(num_items.detach().clamp(min=1).item())
-    return max(float(num_items), 1.0)
-
-
-def _need_grads(h_s, w_s, b_s):
-    grad_on = torch.is_grad_enabled()
-    return (
-        grad_on and h_s.requires_grad,
-        grad_on and w_s.requires_grad,
-        grad_on and b_s is not None and b_s.requires_grad,
-    )
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """Loss forward that also computes the student gradients chunk by chunk; backward only rescales them.
-
-    ``chunk_loss(start, stop, logits_s)`` returns the summed loss of rows [start, stop) given the student's
-    (stop - start, vocab_size) logits in the compute dtype; it is called exactly once per chunk, in order.
-    """
-
-    @staticmethod
-    def forward(ctx, h_s, w_s, b_s, vocab_size, chunk_loss, chunk_size, denom, need_grads):
-        # h_s (N, H): counted rows only. w_s: full (V, H) weight; b_s: (V,) or None.
-        dtype = _compute_dtype(h_s)
-        n = h_s.shape[0]
-        ws = w_s[:vocab_size].to(dtype)
-        bs = None if b_s is None else b_s[:vocab_size].to(dtype)
-        grad_h_on, grad_w_on, grad_b_on = need_grads
-        any_grad = grad_h_on or grad_w_on or grad_b_on
-        grad_h = torch.zeros(n, h_s.shape[1], dtype=dtype, device=h_s.device) if grad_h_on else None
-        # Full-shape weight/bias gradients (rows past vocab_size stay zero), so backward returns them without a copy.
-        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if grad_w_on else None
-        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if grad_b_on else None
-        total = torch.zeros((), dtype=dtype, device=h_s.device)
-        scale = 1.0 / denom
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            hs = h_s[start:stop].to(dtype)
-            logits_s = hs @ ws.T
-            if bs is not None:
-                logits_s = logits_s + bs
-            if not any_grad:
-                total += chunk_loss(start, stop, logits_s).detach()
-                continue
-            with torch.enable_grad():
-                logits_s.requires_grad_(True)
-                loss = chunk_loss(start, stop, logits_s)
-                (g,) = torch.autograd.grad(loss, logits_s)
-            total += loss.detach()
-            del logits_s, loss
-            g = g.to(dtype)
-            g.mul_(scale)  # fold the mean's 1/denominator in here: no extra (V, H) pass later
-            if grad_h_on:
-                torch.matmul(g, ws, out=grad_h[start:stop])
-            if grad_w_on:
-                grad_w[:vocab_size].addmm_(g.T, hs)
-            if grad_b_on:
-                grad_b[:vocab_size] += g.sum(0)
-            del g
-        total = total * scale
-        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
-        # Kept as attributes, not saved tensors: backward scales them in place and hands them over (one (V, H)
-        # buffer in all, instead of a second scaled copy), so it can run once only.
-        ctx.grads = (grad_h, grad_w, grad_b)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.grads is None:
-            raise RuntimeError("backward ran twice through a chunked loss (retain_graph=True); the chunked losses "
-                               "hand their precomputed gradients over once: compute the loss again instead")
-        grads, ctx.grads = ctx.grads, None
-        out = []
-        for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[:3]):
-            if grad is None or not needed:
-                out.append(None)
-                continue
-            grad.mul_(grad_output.to(grad.dtype))
-            out.append(grad.to(dtype))
-        return (*out, None, None, None, None, None)
-
-
 def _run(h_s, w_s, b_s, vocab_size, chunk_loss, chunk_size, reduction, num_items, kind, teacher_width=0):
-    denom = _denominator(reduction, num_items, h_s.shape[0])
-    need = _need_grads(h_s, w_s, b_s)
+    denom = denominator(reduction, num_items, h_s.shape[0])
+    need = need_grads(h_s, w_s, b_s)
     rows = resolve_chunk_size(chunk_size, vocab_size, h_s.shape[1] + teacher_width, h_s.dtype, kind)
-    return _ChunkedLoss.apply(h_s, w_s, b_s, vocab_size, chunk_loss, rows, denom, need)
-
-
-def _select_rows(x, flat_mask):
-    """(..., H) -> (N, H): flatten the leading dims, keep the rows where flat_mask is True (all when None)."""
-    x = x.reshape(-1, x.shape[-1])
-    return x if flat_mask is None else x[flat_mask]
+    return ChunkedLoss.apply(h_s, w_s, b_s, vocab_size, chunk_loss, rows, denom, need)
 
 
 def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hidden, teacher_lm_head_weight,
@@ -302,7 +201,7 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
         raise TypeError(f"{divergence} takes no argument(s) {sorted(unknown)}; "
                         f"accepted: {DIVERGENCE_PARAMS[divergence]}")
     _check_common(reduction, chunk_size, "chunked_distillation_loss")
-    _check_temperature(temperature)
+    check_temperature(temperature)
     # Validate the divergence's own parameters even when no position is counted.
     DIVERGENCES[divergence](torch.zeros(1, 1), torch.zeros(1, 1), None, temperature, "sum", None,
                             **divergence_kwargs)
@@ -310,9 +209,9 @@ def chunked_distillation_loss(student_hidden, student_lm_head_weight, teacher_hi
                                mask, student_lm_head_bias, teacher_lm_head_bias, vocab_size)
 
     flat = None if mask is None else mask.reshape(-1).to(device=student_hidden.device, dtype=torch.bool)
-    h_s = _select_rows(student_hidden, flat)
-    h_t = _select_rows(teacher_hidden.detach(), None if flat is None else flat.to(teacher_hidden.device))
-    dtype = _compute_dtype(h_s)
+    h_s = select_rows(student_hidden, flat)
+    h_t = select_rows(teacher_hidden.detach(), None if flat is None else flat.to(teacher_hidden.device))
+    dtype = compute_dtype(h_s)
     wt = teacher_lm_head_weight.detach()[:vocab_size].to(dtype)
     bt = None if teacher_lm_head_bias is None else teacher_lm_head_bias.detach()[:vocab_size].to(dtype)
     fn = DIVERGENCES[divergence]
@@ -379,7 +278,7 @@ def chunked_topk_distillation_loss(student_hidden, student_lm_head_weight, teach
         raise ValueError(f"teacher k must be in [1, {vocab_size}] (vocab_size), got {k}")
     leading = student_hidden.shape[:-1]
     flat = None if mask is None else mask.reshape(-1).to(device=student_hidden.device, dtype=torch.bool)
-    h_s = _select_rows(student_hidden, flat)
+    h_s = select_rows(student_hidden, flat)
     n = h_s.shape[0]
     device = h_s.device
     idx = indices.detach().reshape(-1, k).to(device=device, dtype=torch.long)
@@ -393,7 +292,7 @@ def chunked_topk_distillation_loss(student_hidden, student_lm_head_weight, teach
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
         raise ValueError(f"teacher indices must lie in [0, {vocab_size}) (vocab_size)")
 
-    dtype = _compute_dtype(h_s)
+    dtype = compute_dtype(h_s)
     lp = lp.to(dtype)
     temperature = float(temperature)
     agree = torch.zeros((), dtype=dtype, device=device)
@@ -443,12 +342,12 @@ def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=
     counted = tgt != ignore_index
     if mask is not None:
         counted = counted & mask.reshape(-1).to(device=device, dtype=torch.bool)
-    h_s = _select_rows(student_hidden, counted)
+    h_s = select_rows(student_hidden, counted)
     tgt = tgt[counted]
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab_size):
         raise ValueError(f"targets of counted positions must lie in [0, {vocab_size}) (vocab_size)")
 
-    dtype = _compute_dtype(h_s)
+    dtype = compute_dtype(h_s)
     correct = torch.zeros((), dtype=dtype, device=device)
 
     def chunk_loss(start, stop, logits_s):

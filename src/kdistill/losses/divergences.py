@@ -52,12 +52,15 @@ __all__ = [
     "get_divergence",
     "reduce_positions",
     "per_row_divergence",
+    "REDUCTIONS",
+    "check_temperature",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("mean", "sum", "none")  # the `reduction=` values every logit divergence accepts
 
 
-def _check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float) -> None:
+    """Raise ValueError unless the loss temperature is > 0 (shared by the dense, chunked and top-k losses)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
@@ -98,7 +101,7 @@ def reduce_positions(per_position: torch.Tensor, leading_shape: torch.Size, flat
     if reduction == "sum":
         return total
     if reduction != "mean":
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if num_items is None:
         num_items = per_position.shape[0]
     if torch.is_tensor(num_items):
@@ -122,9 +125,9 @@ def _divergence(per_row: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Wrap a per-row function of (log P_s, log P_t) with temperature, masking and reduction."""
 
     def apply(student_logits, teacher_logits, mask, temperature, reduction, num_items):
-        _check_temperature(temperature)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        check_temperature(temperature)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         leading = student_logits.shape[:-1]
         s, t, flat = _select(student_logits, teacher_logits, mask)
         dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)  # >= float32

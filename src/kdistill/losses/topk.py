@@ -47,8 +47,8 @@ import torch.nn.functional as F
 
 from kdistill.losses.divergences import (
     DIVERGENCE_PARAMS,
-    _REDUCTIONS,
-    _check_temperature,
+    REDUCTIONS,
+    check_temperature,
     per_row_divergence,
     reduce_positions,
 )
@@ -78,7 +78,7 @@ def topk_from_logits(teacher_logits: torch.Tensor, k: int, temperature: float = 
 
     The result is detached (a teacher carries no gradient) and at least float32.
     """
-    _check_temperature(temperature)
+    check_temperature(temperature)
     vocab = teacher_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got {k}")
@@ -132,14 +132,14 @@ def topk_divergence(student_logits: torch.Tensor, teacher: TopKTeacher, divergen
         `divergence_kwargs`. missing : "bucket" or "renormalize". mask, temperature, reduction and num_items as
         in the dense divergences.
     """
-    _check_temperature(temperature)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_temperature(temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if missing not in MISSING_MODES:
         raise ValueError(f"missing must be one of {MISSING_MODES}, got {missing!r}")
     per_row = _per_row(divergence, divergence_kwargs)
     capture = float(teacher.capture_temperature)
-    _check_temperature(capture)
+    check_temperature(capture)
     retemper = float(temperature) != capture
     if retemper and missing == "bucket":
         raise ValueError(
