@@ -1,8 +1,9 @@
 """The one way a setting is declared: a dataclass field with its default, help text, allowed choices and range.
 
 `kdistill.config` (the run's sections) and every objective's config (`kdistill.objectives`) declare their fields
-with :func:`option`; the YAML loader reads the metadata back to check values and name the offending line, and
-`kdistill train --help` prints it. A field's default and help live here and nowhere else.
+with :func:`option` on a :class:`Checked` dataclass, which checks its values against that metadata when it is built;
+the YAML loader places a refusal (`FieldError`) at the offending line, and `kdistill train --help` prints the
+metadata. A field's default and help live here and nowhere else.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-__all__ = ["FieldError", "check_bounds", "option"]
+__all__ = ["Checked", "FieldError", "check_bounds", "option"]
 
 
 class FieldError(ValueError):
@@ -51,3 +52,12 @@ def check_bounds(cls_fields, values: dict[str, Any]) -> None:
             raise FieldError(f.name, f"must be > {f.metadata['gt']}, got {value!r}")
         if "le" in f.metadata and value > f.metadata["le"]:
             raise FieldError(f.name, f"must be <= {f.metadata['le']}, got {value!r}")
+
+
+class Checked:
+    """Base of config dataclasses: on construction, every field is checked against its `option` metadata
+    (choices, bounds); subclasses add their own checks after calling `super().__post_init__()`."""
+
+    def __post_init__(self) -> None:
+        fields = dataclasses.fields(self)
+        check_bounds(fields, {f.name: getattr(self, f.name) for f in fields})

@@ -1,13 +1,7 @@
 """Run configuration: one YAML file <-> nested dataclasses (`sections`), read and written by `loader`, checked
 across fields by `validate`; objective settings come from each objective's own config (`kdistill.objectives`).
+The sections are listed in `sections`' docstring.
 
-Sections:
-    teacher     the model that provides the signal (omit for plain fine-tuning)
-    student     the model that is trained
-    data        where examples come from and how they become tokens
-    objectives  name -> settings; the total loss is sum(weight * objective)
-    lora        optional LoRA adapters on the student (peft)
-    training    any `transformers.TrainingArguments` field (output_dir, learning_rate, ...)
 """
 
 from kdistill.config.loader import config_from_dict, describe, load_config, read_yaml, save_config, to_dict

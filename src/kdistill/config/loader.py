@@ -22,7 +22,7 @@ from kdistill.config.sections import CONFIG_FILENAME, RunConfig, default_objecti
 from kdistill.config.validate import validate
 from kdistill.data.records import looks_local
 from kdistill.errors import ConfigError
-from kdistill.fields import FieldError, check_bounds
+from kdistill.fields import FieldError
 from kdistill.objectives import OBJECTIVES, ObjectiveConfig
 
 __all__ = ["config_from_dict", "describe", "load_config", "read_yaml", "save_config", "to_dict"]
@@ -176,8 +176,7 @@ def _build(cls, raw: Any, path: tuple[str, ...], lines: dict, source: str):
         else:
             kwargs[name] = _coerce(value, tp, where(key_path))
     try:
-        check_bounds(known.values(), kwargs)
-        return cls(**kwargs)
+        return cls(**kwargs)  # a Checked dataclass: choices and bounds are checked here
     except FieldError as exc:
         raise ConfigError(f"{where((*path, exc.field))}: {exc.message}") from None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kdistill.fields import option
+from kdistill.fields import Checked, option
 from kdistill.objectives import ObjectiveConfig
 from kdistill.objectives.ce import CrossEntropyConfig
 from kdistill.objectives.kd import LogitKDConfig
@@ -29,7 +29,7 @@ CONFIG_FILENAME = "kdistill_config.yaml"
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """A model to load with `from_pretrained` (hub id or local folder)."""
 
     name_or_path: str | None = option(None, "Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
@@ -42,23 +42,23 @@ class ModelConfig:
     trust_remote_code: bool = option(False, "Allow model code from the hub repository.")
     attn_implementation: str | None = option(None, "e.g. sdpa, eager, flash_attention_2; default: transformers' choice.")
     layers: list[int] | None = option(None, "Keep only these layer indices after loading (shrink a teacher into a "
-                                  "student), e.g. [0, 2, 4] of 6. T5: encoder and decoder blocks.")
+                                      "student), e.g. [0, 2, 4] of 6. T5: encoder and decoder blocks.")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the examples come from and how they are tokenised."""
 
     train: str | None = option(None, "Training data: a .jsonl/.json file or a datasets hub id.")
     eval: str | None = option(None, "Optional held-out data (same formats).")
     format: str = option("auto", "Row format; auto detects per row.",
-                     ("auto", "alpaca", "prompt_completion", "messages", "triplet", "pair_score", "sentence"))
+                         ("auto", "alpaca", "prompt_completion", "messages", "triplet", "pair_score", "sentence"))
     subset: str | None = option(None, "Hub dataset configuration (subset) when train/eval is a hub id, e.g. triplet "
                                   "for sentence-transformers/all-nli.")
     split: str = option("train", "Split to load when `train` is a hub id.")
     eval_split: str = option("validation", "Split to load when `eval` is a hub id.")
     template: str = option("auto", "Prompt rendering: auto = chat template if the tokenizer has one, else the Alpaca "
-                       "prompt (prompt/completion rows are raw text).", ("auto", "chat", "alpaca", "plain"))
+                           "prompt (prompt/completion rows are raw text).", ("auto", "chat", "alpaca", "plain"))
     max_length: int = option(512, "Maximum tokens per example (causal: prompt+response; seq2seq: source).", ge=1)
     max_target_length: int | None = option(None, "Seq2seq only: maximum target tokens (default: max_length).", ge=1)
     skip_invalid: bool = option(False, "Skip invalid rows (reported and counted) instead of refusing to start.")
@@ -67,7 +67,7 @@ class DataConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(Checked):
     """LoRA adapters on the student, through peft."""
 
     enabled: bool = option(False, "Train LoRA adapters instead of all student weights.")
@@ -76,15 +76,15 @@ class LoraConfig:
     dropout: float = option(0.05, "Dropout on the LoRA path.", ge=0)
     target_modules: Any = option("all-linear", "Module names (list) or 'all-linear'.")
     merge: bool = option(False, "Save the student with adapters merged into the weights (also saves the adapter "
-                     "under adapter/).")
+                         "under adapter/).")
 
 
 @dataclass
-class EmbeddingConfig:
+class EmbeddingConfig(Checked):
     """task: embedding. How a model turns text into one vector."""
 
     pooling: str = option("auto", "auto: the saved sentence-transformers setting, else eos for decoder LMs and mean "
-                      "for encoders.", ("auto", "mean", "cls", "eos"))
+                          "for encoders.", ("auto", "mean", "cls", "eos"))
     normalize: bool = option(True, "L2-normalise embeddings.")
     append_eos: bool | None = option(None, "Append EOS to every text (default: when pooling is eos).")
     max_length: int = option(256, "Maximum tokens per text.", ge=1)
@@ -92,47 +92,47 @@ class EmbeddingConfig:
 
 
 @dataclass
-class StepByStepConfig:
+class StepByStepConfig(Checked):
     """Distilling step-by-step (Hsieh et al., 2023): train on the label and on the LLM's rationale."""
 
     dataset: str | None = option(None, "Converter for data.train/data.eval: esnli | anli | cqa | svamp | generic "
-                             "({input, label, rationale}); empty = not a step-by-step run.",
-                             (None, "esnli", "anli", "cqa", "svamp", "generic"))
+                                 "({input, label, rationale}); empty = not a step-by-step run.",
+                                 (None, "esnli", "anli", "cqa", "svamp", "generic"))
     label_type: str = option("gt", "Train the label view on ground-truth labels (gt) or the LLM's labels (llm).",
-                         ("gt", "llm"))
+                             ("gt", "llm"))
     model_type: str = option("task_prefix", "task_prefix: label and rationale views with prefixes; standard: the "
-                         "label view only, no prefix (plain fine-tuning).", ("task_prefix", "standard"))
+                             "label view only, no prefix (plain fine-tuning).", ("task_prefix", "standard"))
     label_prefix: str = option("[label] ", "Prefix of the label view's input.")
     rationale_prefix: str = option("[rationale] ", "Prefix of the rationale view's input.")
     prompt_suffix: str | None = option(None, "Text between a view's input and its target: default a newline for causal "
-                                   "LMs (the answer starts on its own line), nothing for encoder-decoder models.")
+                                       "LMs (the answer starts on its own line), nothing for encoder-decoder models.")
     max_new_tokens: int = option(32, "Evaluation: tokens generated for a label.", ge=1)
     eval_batch_size: int = option(32, "Evaluation: generation batch size.", ge=1)
 
 
 @dataclass
-class ChunkedLossConfig:
+class ChunkedLossConfig(Checked):
     """Token losses (ce, kd) computed from hidden states a chunk of positions at a time, never holding the
     (tokens x vocabulary) logits of student or teacher."""
 
     mode: str = option("auto", "auto: chunked when the vocabulary has >= min_vocab entries and the models' logits are "
-                   "plain hidden @ lm_head (checked on a probe input; soft-capped logits or LoRA on lm_head fall "
-                   "back to dense); on: chunked or an error; off: dense logits.", ("auto", "on", "off"))
+                       "plain hidden @ lm_head (checked on a probe input; soft-capped logits or LoRA on lm_head fall "
+                       "back to dense); on: chunked or an error; off: dense logits.", ("auto", "on", "off"))
     chunk_size: int | str = option("auto", "Positions projected to the vocabulary at a time; auto: as many as keep one "
-                               "chunk's working set within 1 GiB, from the vocabulary size, hidden sizes and dtype "
-                               "(kdistill.losses.chunked.auto_chunk_size).")
+                                   "chunk's working set within 1 GiB, from the vocabulary size, hidden sizes and dtype "
+                                   "(kdistill.losses.chunked.auto_chunk_size).")
     min_vocab: int = option(32768, "auto: the smallest vocabulary that is chunked.", ge=1)
 
 
 @dataclass
-class CacheConfig:
+class CacheConfig(Checked):
     """A top-k teacher cache: `kdistill cache` runs the teacher once and stores its k most likely tokens per
     trained token; `kdistill train` then reads them and loads no teacher model."""
 
     dir: str | None = option(None, "Cache folder (train/ and eval/ inside). Set it to train from the cache.")
     k: int = option(64, "Token ids kept per position.")
     temperature: float = option(1.0, "Capture temperature: stored log-probs are log_softmax(teacher logits / T). A kd "
-                            "objective with missing: bucket must train at this temperature.")
+                                "objective with missing: bucket must train at this temperature.")
     logprob_bits: int = option(12, "Bits per stored log-prob (4..16); ids take ceil(log2 V) bits.")
     batch_size: int = option(8, "Examples per teacher forward pass while caching.", ge=1)
     kl_sample_tokens: int = option(4096, "Tokens on which KL(full teacher || reconstructed top-k) is measured.", ge=0)
@@ -149,14 +149,14 @@ def _default_training() -> dict[str, Any]:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """A whole training run."""
 
     task: str = option("lm", "lm: language modelling objectives on token labels (ce, kd); embedding: one vector per "
-                   "text (contrastive, embedding_kd).", ("lm", "embedding"))
+                       "text (contrastive, embedding_kd).", ("lm", "embedding"))
     student: ModelConfig = option(help="The model that is trained.", factory=ModelConfig)
     teacher: ModelConfig = option(help="The model that provides the signal; leave name_or_path empty for no teacher.",
-                              factory=ModelConfig)
+                                  factory=ModelConfig)
     data: DataConfig = option(help="Training (and eval) data.", factory=DataConfig)
     objectives: dict[str, ObjectiveConfig] = option(
         help="Loss terms, name -> settings; total = sum(weight * term). Default: ce 0.5 + kd (forward_kl) 0.5.",
@@ -164,9 +164,9 @@ class RunConfig:
     lora: LoraConfig = option(help="LoRA on the student.", factory=LoraConfig)
     embedding: EmbeddingConfig = option(help="task: embedding: pooling and text length.", factory=EmbeddingConfig)
     stepbystep: StepByStepConfig = option(help="Distilling step-by-step data and evaluation.",
-                                      factory=StepByStepConfig)
+                                          factory=StepByStepConfig)
     chunked_loss: ChunkedLossConfig = option(help="Memory-efficient ce/kd for large vocabularies.",
-                                         factory=ChunkedLossConfig)
+                                             factory=ChunkedLossConfig)
     cache: CacheConfig = option(help="Top-k teacher cache (kdistill cache).", factory=CacheConfig)
     training: dict[str, Any] = option(
         help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",

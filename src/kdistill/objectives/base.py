@@ -9,26 +9,22 @@ add up to weighted means over the step.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from kdistill.fields import FieldError, check_bounds, option
+from kdistill.fields import Checked, FieldError, option
 
 __all__ = ["AlignmentConfig", "Objective", "ObjectiveConfig", "TokenObjectiveConfig", "as_float"]
 
 
 @dataclass
-class ObjectiveConfig:
+class ObjectiveConfig(Checked):
     """Fields every objective has. `type` defaults to the objective's key in the `objectives` mapping."""
 
     type: str | None = option(None, "Objective type (default: the key), one of the objectives table's.")
     weight: float = option(1.0, "Weight of this term in the total loss.", ge=0)
-
-    def __post_init__(self) -> None:
-        check_bounds(dataclasses.fields(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
 @dataclass
