@@ -1,7 +1,6 @@
 """Run configuration: one YAML file <-> nested dataclasses (`sections`), read and written by `loader`, checked
 across fields by `validate`; objective settings come from each objective's own config (`kdistill.objectives`).
 The sections are listed in `sections`' docstring.
-
 """
 
 from kdistill.config.loader import config_from_dict, describe, load_config, read_yaml, save_config, to_dict

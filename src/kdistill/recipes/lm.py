@@ -201,8 +201,7 @@ def build_cache(cfg: RunConfig, progress: bool = True) -> dict[str, dict]:
                 for name, source, split, limit in splits}
     warn_if_short_of_space(cfg, datasets)
     teacher = load_model(cfg.teacher, role="teacher")
-    teacher.eval().requires_grad_(False)
-    if getattr(teacher, "hf_device_map", None) is None:
+    if getattr(teacher, "hf_device_map", None) is None:  # write_split's LiveTeacher freezes it where it is
         teacher.to("cuda" if torch.cuda.is_available() else "cpu")
     vocab = kd_vocab_size(tokenizer, teacher, None)
     return {name: write_split(cfg, teacher, tokenizer, datasets[name], name, source, encoder_decoder, vocab, progress)
