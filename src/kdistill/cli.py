@@ -51,6 +51,25 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _compare_parser(sub) -> None:
+    p = sub.add_parser(
+        "compare", help="Train method variants x seeds with one budget, evaluate them and the teacher on held-out "
+                        "sets, report means, spreads and differences to a baseline.",
+        description="Run a comparison spec (a YAML file: base config, variants, seeds, eval sets; see "
+                    "kdistill.compare.spec). Resumable: finished runs and answers are kept, interrupted runs resume.")
+    p.add_argument("spec", help="Comparison spec (YAML)")
+    p.add_argument("--train-only", action="store_true", help="Train the runs, evaluate nothing")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars during evaluation")
+
+
+def cmd_compare(args) -> int:
+    from kdistill.compare import load_spec, run_compare
+
+    report = run_compare(load_spec(args.spec), evaluate=not args.train_only, progress=not args.no_progress)
+    print(f"compare: {report}")
+    return 0
+
+
 def _tiny_parser(sub) -> None:
     p = sub.add_parser("tiny", help="Write a tiny offline teacher/student pair (for trying kdistill without a hub).",
                        description="Train a tokenizer on a local text/JSONL file and write a small randomly "
@@ -196,7 +215,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval,
             "annotate": cmd_annotate, "generate": cmd_generate, "judge": cmd_judge,
-            "report": cmd_report, "cache": cmd_cache}
+            "report": cmd_report, "cache": cmd_cache, "compare": cmd_compare}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quickstart_parser(sub)
     _train_parser(sub)
     _cache_parser(sub)
+    _compare_parser(sub)
     add_annotate_parser(sub)
     from kdistill import report
 

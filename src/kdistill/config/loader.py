@@ -25,7 +25,7 @@ from kdistill.errors import ConfigError
 from kdistill.fields import FieldError
 from kdistill.objectives import OBJECTIVES, ObjectiveConfig
 
-__all__ = ["config_from_dict", "describe", "load_config", "read_yaml", "save_config", "to_dict"]
+__all__ = ["config_from_dict", "describe", "load_config", "read_yaml", "save_config", "to_dict", "yaml_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+def yaml_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each key path in a YAML document to its 1-based line number."""
     lines: dict[tuple[str, ...], int] = {}
     try:
@@ -226,7 +226,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw["objectives"] = {name: {"weight": obj.weight} for name, obj in default_objectives().items()}
     for assignment in overrides:
         _set_override(raw, assignment)
-    cfg = config_from_dict(raw, str(path), _yaml_lines(text))
+    cfg = config_from_dict(raw, str(path), yaml_lines(text))
     _resolve_input_paths(cfg, path)
     return cfg
 
