@@ -14,7 +14,7 @@ import torch
 
 from kdistill.config import ModelConfig
 from kdistill.data import encode_examples, load_examples
-from kdistill.evaluation.lm import lm_diagnostics
+from kdistill.evaluation.lm import eval_vocab_size, lm_diagnostics
 from kdistill.models import load_model, load_tokenizer
 
 LIMIT = 12
@@ -72,7 +72,8 @@ def test_lm_diagnostics_match_reference(pair):
                             batch_size=4, limit=LIMIT, progress=False)
     ref, n_tokens, n_rows = _reference(kind, tok, teacher, student, data)
     assert result["tokens"] == n_tokens and result["examples"] == n_rows
-    assert result["vocab_size"] == len(tok)
+    assert eval_vocab_size(tok, teacher, {"student": student}) == len(tok)
+    assert result["data"] == str(data) and result["skipped_invalid"] == 0
 
     same = result["students"]["self"]
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -109,11 +109,12 @@ def _quickstart_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="Evaluate a model.")
     kinds = p.add_subparsers(dest="eval_kind", required=True)
-    from kdistill.evaluation import classify, lm, sts
+    from kdistill.evaluation import classify, lm, rouge, sts
 
     sts.add_parser(kinds)
     classify.add_parser(kinds)
     lm.add_parser(kinds)
+    rouge.add_parser(kinds)
 
 
 def cmd_quickstart(args) -> int:
@@ -136,6 +137,10 @@ def cmd_eval(args) -> int:
         return run_cli(args)
     if args.eval_kind == "lm":
         from kdistill.evaluation.lm import run_cli
+
+        return run_cli(args)
+    if args.eval_kind == "rouge":
+        from kdistill.evaluation.rouge import run_cli
 
         return run_cli(args)
     from kdistill.evaluation.sts import run_cli
