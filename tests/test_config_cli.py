@@ -174,8 +174,9 @@ def test_cli_runs_the_tiny_example_config(tiny_causal, alpaca_small, tmp_path):
 def test_tiny_command_writes_a_loadable_pair(tmp_path, alpaca_small, capsys):
     assert main(["tiny", "--out", str(tmp_path / "t"), "--kind", "t5", "--data", str(alpaca_small),
                  "--vocab-size", "300"]) == 0
-    paths = json.loads(capsys.readouterr().out)
-    assert Path(paths["teacher"], "config.json").exists() and Path(paths["student"], "tokenizer.json").exists()
+    info = json.loads(capsys.readouterr().out)  # the tiny.json it wrote
+    assert Path(info["teacher"]["path"], "config.json").exists()
+    assert Path(info["student"]["path"], "tokenizer.json").exists()
 
 
 def test_an_objective_refuses_a_key_it_does_not_have_with_its_line(tmp_path):

@@ -73,14 +73,37 @@ def cmd_compare(args) -> int:
 def _tiny_parser(sub) -> None:
     p = sub.add_parser("tiny", help="Write a tiny offline teacher/student pair (for trying kdistill without a hub).",
                        description="Train a tokenizer on a local text/JSONL file and write a small randomly "
-                                   "initialised teacher and a smaller student that share it.")
-    p.add_argument("--out", required=True, help="Folder to write teacher/ and student/ into")
+                                   "initialised teacher and a smaller student that share it, optionally pre-train "
+                                   "the teacher with cross-entropy, and write OUT/tiny.json (sizes, parameter "
+                                   "counts, the teacher's training). T5: hidden = d_model, heads = num_heads, "
+                                   "d_kv = hidden / heads, intermediate = d_ff, layers per stack.")
+    p.add_argument("--out", required=True, help="Folder to write teacher/, student/ and tiny.json into")
     p.add_argument("--kind", choices=("causal", "t5"), default="causal")
     p.add_argument("--data", required=True, help="Local .jsonl/.json/.txt file to train the tokenizer on")
     p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--teacher-steps", type=int, default=0,
-                   help="Fine-tune the teacher on --data with cross-entropy for this many steps first")
     p.add_argument("--seed", type=int, default=0)
+    for role, (hidden, layers) in (("teacher", (96, 4)), ("student", (48, 2))):
+        size = p.add_argument_group(f"{role} size")
+        size.add_argument(f"--{role}-hidden", type=int, default=hidden, help=f"Hidden size (default: {hidden})")
+        size.add_argument(f"--{role}-layers", type=int, default=layers, help=f"Layers (default: {layers})")
+        size.add_argument(f"--{role}-heads", type=int, default=4, help="Attention heads (default: 4)")
+        size.add_argument(f"--{role}-kv-heads", type=int, default=None,
+                          help="Key/value heads, causal only (default: 2)")
+        size.add_argument(f"--{role}-intermediate", type=int, default=None,
+                          help="MLP size (default: 2 x hidden)")
+    p.add_argument("--max-position-embeddings", type=int, default=None, help="Causal only (default: 512)")
+    train = p.add_argument_group("teacher pre-training (cross-entropy)")
+    train.add_argument("--teacher-steps", type=int, default=0,
+                       help="Pre-train the teacher for this many steps first (default: 0, no training)")
+    train.add_argument("--teacher-data", action="append", default=None, metavar="FILE[,FILE...]",
+                       help="Local .jsonl/.json file(s) to pre-train on, repeatable (default: --data)")
+    train.add_argument("--teacher-lr", type=float, default=3e-3, help="Peak learning rate, cosine (default: 3e-3)")
+    train.add_argument("--teacher-batch-size", type=int, default=16, help="Batch size (default: 16)")
+    train.add_argument("--teacher-max-length", type=int, default=128, help="Tokens per example (default: 128)")
+    train.add_argument("--teacher-warmup", type=int, default=None,
+                       help="Warmup steps (default: a tenth of --teacher-steps)")
+    train.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="No progress bar (the loss is still printed every tenth of the steps)")
 
 
 def _quickstart_parser(sub) -> None:
@@ -186,11 +209,16 @@ def _close_process_group() -> None:
 
 
 def cmd_tiny(args) -> int:
-    from kdistill.apps.tiny import make_tiny_pair
+    from pathlib import Path
 
-    paths = make_tiny_pair(args.out, kind=args.kind, data=args.data, vocab_size=args.vocab_size,
-                           teacher_steps=args.teacher_steps, seed=args.seed)
-    print(json.dumps(paths, indent=2))
+    from kdistill.apps.tiny import TINY_JSON, make_tiny_pair
+
+    options = {k: v for k, v in vars(args).items() if k.startswith(("teacher_", "student_"))}
+    if args.teacher_data:
+        options["teacher_data"] = [f.strip() for item in args.teacher_data for f in item.split(",") if f.strip()]
+    make_tiny_pair(args.out, kind=args.kind, data=args.data, vocab_size=args.vocab_size, seed=args.seed,
+                   max_position_embeddings=args.max_position_embeddings, progress=args.progress, **options)
+    print((Path(args.out) / TINY_JSON).read_text(encoding="utf-8"), end="")
     return 0
 
 
