@@ -1,98 +1,34 @@
-"""`kdistill report`: compare runs in one Markdown file and one self-contained HTML page.
+"""`kdistill report`: compare runs in one Markdown file, one self-contained HTML page and a `report.json`.
 
-Each run folder may hold `kdistill_config.yaml` (resolved config), `kdistill_summary.json` (with a
-`log_history`: dicts with `step`, `loss`, `loss/<term>`, `eval_loss`, ...) and any other `*.json` results
-(`kdistill eval lm` output, `quickstart.json`, classification/STS/judge results...). Results are read
-generically: nested dicts of numbers are flattened to dotted keys; known shapes (a `teacher` + `students`
-mapping, a list of dicts with a `name`) become one table row per model. Teacher rows come first.
+Each run folder may hold `kdistill_config.yaml` (resolved config), `kdistill_summary.json` (`log_history`,
+`train_runtime`) and other `*.json` results; a folder that holds run folders stands for them
+(:func:`kdistill.report_data.find_runs`). Runs that repeat one method with other seeds are one group
+(:mod:`kdistill.report_tables`): every number is the group's mean, with "± sd (n=N)" for several runs.
+The page shows: per metric of the per-dataset results (`eval lm`, `eval rouge`) a models x datasets table (and,
+with a baseline, the difference to it); the training table; the other result files as before; the settings all
+groups share and, per group, only the config keys that differ (:mod:`kdistill.report_config`); what each group
+was trained from (top-k cache manifest, annotation stats); charts (:mod:`kdistill.report_charts`).
 
-The HTML page has inline CSS and its PNG charts embedded as base64 data URIs: it makes no external
-request. Every number shown comes from the files, formatted by :func:`format_number`. Reading the run folders
-and building the tables is :mod:`kdistill.report_data` (``load_run``, ``format_number`` are re-exported here);
-this module draws the charts and writes the two pages.
+The HTML page has inline CSS and its PNG charts embedded as base64 data URIs: it makes no external request.
+`report.json` holds the same tables with each cell's mean, sd, n, min, max and values.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
+import json
 from pathlib import Path
 
-from kdistill.report_data import (CONFIG_FILE, comparison_tables, config_highlights, format_number, is_number,
-                                  is_teacher_name, load_run, loss_terms)
+from kdistill.paths import check_output_dir
+from kdistill.report_charts import loss_figure, metric_figure, png, results_figure
+from kdistill.report_config import common_settings, config_differences
+from kdistill.report_data import CONFIG_FILE, find_runs, format_number, is_number, load_run, loss_terms, provenance
+from kdistill.report_tables import (dataset_notes, format_cell, group_runs, metric_tables, results_tables,
+                                    training_table, with_baseline)
 
-__all__ = ["build_report", "format_number", "load_run", "add_parser", "run_cli"]
+__all__ = ["add_parser", "build_report", "format_number", "load_run", "provenance_lines", "run_cli"]
 
-_MAX_BAR_METRICS = 12
-
-
-# --------------------------------------------------------------------------------------------- charts
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _loss_chart(runs: list[dict], terms: list[str]) -> bytes | None:
-    if not terms:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(terms))
-    nrows = -(-len(terms) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
-    for ax, term in zip(axes.flat, terms):
-        for run in runs:
-            pts = [(e["step"], e[term]) for e in run["log_history"] if is_number(e.get(term))
-                   and is_number(e.get("step"))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o", markersize=3, label=run["name"])
-        ax.set_title(term)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(terms):]:
-        ax.axis("off")
-    fig.suptitle("loss per term")
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _bar_chart(table: dict) -> bytes | None:
-    columns = [c for c in table["columns"] if sum(c in m for _, _, m in table["rows"]) >= 1][:_MAX_BAR_METRICS]
-    if not columns or not table["rows"]:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(columns))
-    nrows = -(-len(columns) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
-    palette = ["#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd"]
-    for ax, col in zip(axes.flat, columns):
-        labels = [label for label, _, m in table["rows"] if col in m]
-        values = [float(m[col]) for _, _, m in table["rows"] if col in m]
-        bars = ax.bar(range(len(values)), values, color=[palette[i % len(palette)] for i in range(len(values))])
-        ax.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=7)
-        ax.bar_label(bars, labels=[format_number(v) for v in values], fontsize=7)
-        ax.set_title(col, fontsize=9)
-    for ax in list(axes.flat)[len(columns):]:
-        ax.axis("off")
-    fig.suptitle(table["title"])
-    fig.tight_layout()
-    return _png(fig)
-
-
-# --------------------------------------------------------------------------------------------- output
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
 color:#222;padding:0 1em}
@@ -109,98 +45,210 @@ img{max-width:100%;border:1px solid #eee}
 """
 
 
-def build_report(run_dirs, out_dir, title: str = "kdistill report") -> tuple[Path, Path]:
-    """Write `report.md` (+ PNGs beside it) and a self-contained `report.html` to `out_dir`."""
+def _fmt(value) -> str:
+    return format_number(value) if is_number(value) else str(value)
+
+
+def provenance_lines(prov: dict) -> list[tuple[str, str]]:
+    """[(label, text)] for one run's :func:`~kdistill.report_data.provenance`."""
+    lines = []
+    cache = prov.get("cache")
+    if cache and not cache["found"]:
+        lines.append(("cache", f"{cache['dir']}: no cache manifest found"))
+    for s in (cache or {}).get("splits", []):
+        if s.get("unreadable"):
+            lines.append(("cache", f"{s['manifest']}: unreadable manifest"))
+            continue
+        parts = [f"k {_fmt(s['k'])}" if "k" in s else None,
+                 f"captured at temperature {_fmt(s['capture_temperature'])}" if "capture_temperature" in s else None,
+                 f"{_fmt(s['bytes_per_token'])} bytes/token" if "bytes_per_token" in s else None,
+                 f"mean reconstruction KL {_fmt(s['kl_mean'])}"
+                 + (f" ({s['kl_sample_tokens']} tokens)" if "kl_sample_tokens" in s else "")
+                 if "kl_mean" in s else None,
+                 f"{_fmt(s['examples'])} examples" if "examples" in s else None,
+                 f"{_fmt(s['tokens'])} tokens" if "tokens" in s else None,
+                 f"teacher {s['teacher']}" if "teacher" in s else None,
+                 None if s.get("complete", True) else "INCOMPLETE"]
+        lines.append((f"cache {s.get('split', '')}".strip(), ", ".join(p for p in parts if p)))
+    notes = prov.get("annotation")
+    if notes:
+        counts = ", ".join(f"{k} {_fmt(notes[k])}" for k in ("rows", "ok", "failed", "unparsable") if k in notes)
+        lines.append(("annotation", f"{notes['file']}: teacher {notes.get('teacher', '?')}, task "
+                                    f"{notes.get('task', '?')}" + (f"; {counts}" if counts else "")))
+        if isinstance(notes.get("params"), dict) and notes["params"]:
+            lines.append(("annotation params", ", ".join(f"{k}={v}" for k, v in notes["params"].items())))
+        answers = notes.get("answers") if isinstance(notes.get("answers"), dict) else {}
+        numbers = ", ".join(f"{k} {_fmt(v)}" for k, v in answers.items() if is_number(v))
+        if numbers:
+            lines.append(("answers", numbers))
+        if "degenerate" in answers:
+            reasons = answers.get("reasons") or []
+            lines.append(("degenerate", ("YES: " + "; ".join(map(str, reasons))) if answers["degenerate"]
+                          else "no"))
+    return lines
+
+
+class _Page:
+    """The Markdown and HTML text of the report, written side by side."""
+
+    def __init__(self, title: str):
+        self.md = [f"# {title}", ""]
+        self.html = [f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, level: int, text: str) -> None:
+        self.md += [f"{'#' * level} {text}", ""]
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def text(self, text: str, muted: bool = False) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p{' class=muted' if muted else ''}>{html.escape(text)}</p>")
+
+    def items(self, items: list[tuple[str, str]]) -> None:
+        self.md += [f"- **{k}**: {v}" for k, v in items] + [""]
+        self.html.append("<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
+                                          for k, v in items) + "</dl>")
+
+    def table(self, first: str, columns: list[str], rows: list[tuple[str, bool, list[str]]]) -> None:
+        self.md += ["| " + " | ".join([first, *columns]) + " |", "|---|" + "---|" * len(columns)]
+        self.html.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in [first, *columns])
+                         + "</tr></thead><tbody>")
+        for label, bold, cells in rows:
+            self.md.append(f"| {'**' + label + '**' if bold else label} | " + " | ".join(cells) + " |")
+            self.html.append(f"<tr{' class=teacher' if bold else ''}><td>{html.escape(label)}</td>"
+                             + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        self.md.append("")
+        self.html.append("</tbody></table>")
+
+    def result_table(self, table: dict) -> None:
+        self.heading(3, table["title"])
+        self.table("model", table["columns"], [(r["label"], r["teacher"], [format_cell(r["cells"].get(c))
+                                                                           for c in table["columns"]])
+                                               for r in table["rows"]])
+
+    def image(self, caption: str, fname: str, data: bytes) -> None:
+        self.md += [f"![{caption}]({fname})", ""]
+        b64 = base64.b64encode(data).decode("ascii")
+        self.html.append(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{b64}\">"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _provenance(group: dict) -> list[dict]:
+    seen, out = set(), []
+    for run in group["runs"]:
+        prov = provenance(run)
+        key = json.dumps(prov, sort_keys=True, default=str)
+        if prov and key not in seen:
+            seen.add(key)
+            out.append(prov)
+    return out
+
+
+def build_report(run_dirs, out_dir, title: str = "kdistill report", baseline: str | None = None) -> tuple[Path, Path]:
+    """Write `report.md` (+ PNGs beside it), a self-contained `report.html` and `report.json` to `out_dir`."""
     if not run_dirs:
         raise ValueError("pass at least one run folder")
-    runs = [load_run(d) for d in run_dirs]
+    out = check_output_dir(out_dir, "--out")
+    runs = [load_run(path, name) for path, name in find_runs(run_dirs)]
     names = [r["name"] for r in runs]
     for i, run in enumerate(runs):  # unique names
         if names.count(run["name"]) > 1:
             run["name"] = f"{run['name']} ({i + 1})"
-    runs.sort(key=lambda r: not is_teacher_name(r["name"]))
-    out = Path(out_dir)
+    groups = group_runs(runs)
+    metrics = with_baseline(metric_tables(groups), baseline, groups)
+    training = training_table(groups)
+    others = results_tables(groups)
+    notes = dataset_notes(groups)
+    differences = config_differences(groups)
+    common = common_settings(groups)
     out.mkdir(parents=True, exist_ok=True)
-    tables = comparison_tables(runs)
-    charts: list[tuple[str, str, bytes]] = []  # (caption, file name, png)
-    loss_png = _loss_chart(runs, loss_terms(runs))
-    if loss_png:
-        charts.append(("Loss curves per term", "loss_curves.png", loss_png))
-    for i, table in enumerate(tables):
-        png = _bar_chart(table)
-        if png:
-            charts.append((table["title"], f"metrics_{i + 1}.png", png))
-    for _, fname, png in charts:
-        (out / fname).write_bytes(png)
 
-    # Markdown
-    md = [f"# {title}", "", "Runs: " + ", ".join(f"`{r['name']}` ({r['path']})" for r in runs), ""]
-    md_html = [f"<h1>{html.escape(title)}</h1>",
-               "<p>Runs: " + ", ".join(f"<code>{html.escape(r['name'])}</code> "
-                                       f"<span class=muted>({html.escape(r['path'])})</span>" for r in runs) + "</p>"]
-    md += ["## Comparison", ""]
-    md_html.append("<h2>Comparison</h2>")
-    if not tables:
-        md += ["No numbers found in the run folders.", ""]
-        md_html.append("<p>No numbers found in the run folders.</p>")
-    for table in tables:
-        cols = table["columns"]
-        md += [f"### {table['title']}", "", "| model | " + " | ".join(cols) + " |",
-               "|---|" + "---|" * len(cols)]
-        md_html += [f"<h3>{html.escape(table['title'])}</h3>", "<table><thead><tr><th>model</th>"
-                    + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr></thead><tbody>"]
-        for label, teacher, m in table["rows"]:
-            cells = [format_number(m[c]) if c in m else "" for c in cols]
-            md.append(f"| {'**' + label + '**' if teacher else label} | " + " | ".join(cells) + " |")
-            md_html.append(f"<tr{' class=teacher' if teacher else ''}><td>{html.escape(label)}</td>"
-                           + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-        md.append("")
-        md_html.append("</tbody></table>")
+    page = _Page(title)
+    page.heading(2, "Runs")
+    page.items([(g["name"], ", ".join(f"{r['name']} ({r['path']})" for r in g["runs"])
+                 + (f" (n={len(g['runs'])})" if len(g["runs"]) > 1 else "")) for g in groups])
+    if not (metrics or training or others):
+        page.text("No numbers found in the run folders.")
+    if metrics:
+        page.heading(2, "Metrics per dataset")
+        page.text("Mean over the runs of each group; with several runs: ± sample standard deviation (n=runs).",
+                  muted=True)
+        for table in metrics:
+            page.result_table(table)
+    if notes:
+        fields = [f for f in ("data", "examples", "tokens", "skipped_invalid", "dropped_no_target", "truncated",
+                              "max_length") if any(f in n for n in notes)]
+        page.heading(3, "Datasets")
+        page.table("dataset", fields, [(f"{n['kind']}: {n['dataset']}", False, [n.get(f, "") for f in fields])
+                                       for n in notes])
+    if training or others:
+        page.heading(2, "Training and other results")
+        for table in ([training] if training else []) + others:
+            page.result_table(table)
 
-    md += ["## Configuration", ""]
-    md_html.append("<h2>Configuration</h2>")
-    for run in runs:
-        items = config_highlights(run["config"])
-        md.append(f"### {run['name']}")
-        md_html.append(f"<h3>{html.escape(run['name'])}</h3>")
-        if not items:
-            md += ["", f"no {CONFIG_FILE}", ""]
-            md_html.append(f"<p class=muted>no {CONFIG_FILE}</p>")
-            continue
-        md += [""] + [f"- **{k}**: {v}" for k, v in items] + [""]
-        md_html.append("<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>"
-                                        for k, v in items) + "</dl>")
+    page.heading(2, "Configuration")
+    if common:
+        page.heading(3, "Common settings")
+        page.items(common)
+    for group in groups:
+        page.heading(3, group["name"])
+        if not any(r["config"] for r in group["runs"]):
+            page.text(f"no {CONFIG_FILE}", muted=True)
+        elif differences[group["name"]]:
+            page.items(differences[group["name"]])
+        else:
+            page.text("no setting differs from the other runs", muted=True)
+    provenances = {g["name"]: _provenance(g) for g in groups}
+    if any(provenances.values()):
+        page.heading(2, "Provenance")
+        for name, provs in provenances.items():
+            lines = [line for prov in provs for line in provenance_lines(prov)]
+            if lines:
+                page.heading(3, name)
+                page.items(lines)
 
-    if charts:
-        md += ["## Charts", ""]
-        md_html.append("<h2>Charts</h2>")
-    for caption, fname, png in charts:
-        md += [f"![{caption}]({fname})", ""]
-        data = base64.b64encode(png).decode("ascii")
-        md_html.append(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{data}\">"
-                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    figures = [("Loss curves per term", "loss_curves.png", loss_figure(runs, loss_terms(runs)))]
+    figures += [(t["title"], f"metric_{i + 1}.png", metric_figure(t))
+                for i, t in enumerate(t for t in metrics if t["kind"] != "difference")]
+    figures += [(t["title"], f"results_{i + 1}.png", results_figure(t))
+                for i, t in enumerate(([training] if training else []) + others)]
+    figures = [(caption, fname, png(fig)) for caption, fname, fig in figures if fig is not None]
+    if figures:
+        page.heading(2, "Charts")
+    for caption, fname, data in figures:
+        (out / fname).write_bytes(data)
+        page.image(caption, fname, data)
 
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    page = ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(md_html) + "\n</body></html>\n")
+    md_path.write_text("\n".join(page.md) + "\n", encoding="utf-8")
     html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    html_path.write_text("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+                         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+                         + "\n".join(page.html) + "\n</body></html>\n", encoding="utf-8")
+    summary = {"title": title, "baseline": baseline, "common_settings": dict(common), "datasets": notes,
+               "groups": [{"name": g["name"], "runs": [{"name": r["name"], "path": r["path"]} for r in g["runs"]],
+                           "config_differences": dict(differences[g["name"]]),
+                           "provenance": provenances[g["name"]]} for g in groups],
+               "tables": metrics + ([training] if training else []) + others}
+    (out / "report.json").write_text(json.dumps(summary, indent=1, default=str) + "\n", encoding="utf-8")
     return md_path, html_path
 
 
 def add_parser(subparsers) -> None:
     """Register the top-level `report` command."""
-    p = subparsers.add_parser("report", help="Compare run folders in one Markdown file and one self-contained "
-                                             "HTML page (tables, config highlights, charts)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run output folders")
-    p.add_argument("--out", default="report", help="Output folder (report.md, report.html, PNGs)")
+    p = subparsers.add_parser(
+        "report", help="Compare runs in report.md, a self-contained report.html and report.json: seeds of one "
+                       "method aggregated, models x datasets per metric, config differences, provenance, charts")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="Run output folders, or a folder holding run folders (e.g. a comparison's OUT/)")
+    p.add_argument("--out", default="report", help="Output folder (report.md, report.html, report.json, PNGs)")
     p.add_argument("--title", default="kdistill report")
+    p.add_argument("--baseline", metavar="NAME", default=None,
+                   help="A group name: add per metric the difference mean(model) - mean(NAME) per dataset")
     p.set_defaults(func=run_cli)
 
 
 def run_cli(args) -> int:
-    md_path, html_path = build_report(args.run_dirs, args.out, title=args.title)
-    print(f"report: {md_path} and {html_path}")
+    md_path, html_path = build_report(args.run_dirs, args.out, title=args.title,
+                                      baseline=getattr(args, "baseline", None))
+    print(f"report: {md_path}, {html_path} and {md_path.parent / 'report.json'}")
     return 0
