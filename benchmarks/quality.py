@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "examples" / "data"
 
 SIZES = {  # (default, --small)
-    "teacher": ({"hidden": 256, "layers": 4, "heads": 4, "steps": 1500, "batch": 16},
+    "teacher": ({"hidden": 192, "layers": 4, "heads": 4, "steps": 800, "batch": 16},
                 {"hidden": 128, "layers": 2, "heads": 4, "steps": 150, "batch": 16}),
     "student": ({"hidden": 64, "layers": 2, "heads": 4}, {"hidden": 48, "layers": 2, "heads": 4}),
     "student_rows": (600, 200),
@@ -92,7 +92,7 @@ def build_pair(out: Path, data: dict[str, Path], small: bool) -> Path:
     kdistill("tiny", "--out", str(pair), "--kind", "causal", "--data", str(data["teacher"]), "--vocab-size", "4096",
              "--teacher-hidden", str(t["hidden"]), "--teacher-layers", str(t["layers"]),
              "--teacher-heads", str(t["heads"]), "--teacher-steps", str(t["steps"]),
-             "--teacher-batch-size", str(t["batch"]), "--teacher-max-length", "256", "--teacher-lr", "2e-3",
+             "--teacher-batch-size", str(t["batch"]), "--teacher-max-length", "256", "--teacher-lr", "3e-3",
              "--student-hidden", str(s["hidden"]), "--student-layers", str(s["layers"]),
              "--student-heads", str(s["heads"]))
     return pair
@@ -155,14 +155,22 @@ def main() -> int:
                    help="More Alpaca-format rows for the teacher only (held-out instructions are removed)")
     p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible endpoint of an LLM judge (optional)")
     p.add_argument("--judge-model", default=None, help="The judge's model name at --judge-base-url")
+    p.add_argument("--stop-after", choices=("data", "pair", "seqkd"), default=None,
+                   help="Stop after this step (the next run continues from there)")
     args = p.parse_args()
     if bool(args.judge_base_url) != bool(args.judge_model):
         p.error("--judge-base-url and --judge-model go together")
     start = time.perf_counter()
     out = Path(args.out)
     data = prepare_data(out, args.student_rows or SIZES["student_rows"][args.small], args.extra_teacher_data)
+    if args.stop_after == "data":
+        return 0
     pair = build_pair(out, data, args.small)
+    if args.stop_after == "pair":
+        return 0
     seqkd = seqkd_data(out, pair, data, max_new_tokens=96)
+    if args.stop_after == "seqkd":
+        return 0
     spec = write_specs(out, pair, data, seqkd, args.small, args)
     kdistill("compare", str(spec), "--no-progress")
     print(f"\nteacher: {json.dumps(json.loads((pair / 'tiny.json').read_text()).get('teacher', {}))}")
