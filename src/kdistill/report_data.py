@@ -27,12 +27,14 @@ CONFIG_FILE = "kdistill_config.yaml"
 SUMMARY_FILE = "kdistill_summary.json"
 CACHE_MANIFEST = "manifest.json"  # kdistill.teachers.topk_store.MANIFEST_NAME (a test checks they agree)
 STATS_SUFFIX = ".stats.json"  # `kdistill annotate --export FILE` writes FILE.stats.json
-# JSON files a saved model, tokenizer, adapter or trainer checkpoint writes next to the results: not results.
+# JSON files a saved model, tokenizer, adapter or trainer checkpoint writes next to the results, and a report's own
+# report.json (a report folder inside a comparison's folder is not a run): not results.
 NOT_RESULTS = frozenset({
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "chat_template.json", "preprocessor_config.json", "adapter_config.json",
     "model.safetensors.index.json", "trainer_state.json", "modules.json", "sentence_bert_config.json",
     "config_sentence_transformers.json", "kdistill_embedding.json", "counts.json", SUMMARY_FILE, CACHE_MANIFEST,
+    "report.json", "tiny.json",
 })
 _BARE_SEED = re.compile(r"^(?:seed|s)[-_=]?\d+$", re.IGNORECASE)
 _MAX_DEPTH = 2  # OUT/method/seed0: how deep find_runs looks for run folders below a given folder
