@@ -433,7 +433,9 @@ def test_local_teacher_batched_equals_one_by_one(tiny_models, kind):
     models, rows = tiny_models
     model, tokenizer = models[kind]
     teacher = LocalTeacher(model, tokenizer=tokenizer, batch_size=4, max_new_tokens=10)
-    assert teacher.params == {"max_new_tokens": 10, "do_sample": False}
+    # the causal model's ChatML template ends turns with <|im_end|> (not its EOS); the T5 tokenizer has no template
+    stops = {"stop_tokens": ["<|im_end|>"]} if kind == "causal" else {}
+    assert teacher.params == {"max_new_tokens": 10, "do_sample": False, **stops}
     prompts = [teacher.render(Example("alpaca", {"instruction": r["instruction"], "input": r["input"]}, "t"))
                for r in rows[:9]]
     if kind == "causal":
@@ -446,7 +448,8 @@ def test_local_teacher_batched_equals_one_by_one(tiny_models, kind):
 
     sampler = LocalTeacher(model, tokenizer=tokenizer, batch_size=4, max_new_tokens=10, temperature=0.9, top_p=0.95,
                            seed=7)
-    assert sampler.params == {"max_new_tokens": 10, "do_sample": True, "temperature": 0.9, "top_p": 0.95, "seed": 7}
+    assert sampler.params == {"max_new_tokens": 10, "do_sample": True, "temperature": 0.9, "top_p": 0.95, "seed": 7,
+                              **stops}
     assert sampler.generate(prompts[:5]) == sampler.generate(prompts[:5])  # seeded
 
 
@@ -464,7 +467,8 @@ def test_local_teacher_annotate_output_and_export(tiny_models, tmp_path):
     records = _jsonl(out)
     assert len(records) == 12 and len(_ok_per_key(out)) == 12
     assert all(r["teacher"] == "tiny-causal" and r["params"] == teacher.params for r in records)
-    assert teacher.params == {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 4}
+    assert teacher.params == {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 4,
+                              "stop_tokens": ["<|im_end|>"]}
     assert records[0]["prompt"].startswith("<|im_start|>user\n")
 
     again = annotate(rows, teacher, "output", out, progress=False)  # resume: nothing to do

@@ -222,7 +222,8 @@ def test_generate_format_and_resume_after_kill(tmp_path, tiny_causal, alpaca_sma
         assert set(r) == {"instruction", "input", "reference_output", "generate_output", "key", "status", "model",
                           "params", "chat_template", "source", "time"}
         assert isinstance(r["generate_output"], str)
-        assert r["params"] == {"max_new_tokens": 8, "do_sample": False}
+        # the tiny models' ChatML template ends a turn with <|im_end|>, which is not their EOS: a stop (#14)
+        assert r["params"] == {"max_new_tokens": 8, "do_sample": False, "stop_tokens": ["<|im_end|>"]}
 
     again = generate_file(tiny_causal["teacher"], data, out, max_new_tokens=8, batch_size=2, progress=False)
     assert (again.generated, again.skipped) == (0, 24)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from kdistill.data.answer_stats import format_stats
 from kdistill.data.io import DataValidationError, read_rows
 from kdistill.entry import module_main
 from kdistill.generators import ChatClient, ChatError, LocalTeacher
+from kdistill.generators.options import add_generation_arguments, api_params, local_options
 
-from .export import export
+from .export import export, output_stats, write_stats
 from .run import AnnotationAborted, annotate
 from .shapes import EXPORT_FORMATS
 from .tasks import TASKS
 
-__all__ = ["add_parser", "main", "run_cli"]
+__all__ = ["add_parser", "main", "report_answers", "run_cli"]
+
+logger = logging.getLogger(__name__)
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,10 +49,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="Seconds per request socket operation (default: 60)")
     p.add_argument("--max-retries", type=int, default=5, help="Retries on 429/5xx/timeouts (default: 5)")
     p.add_argument("--backoff", type=float, default=1.0, help="First retry delay in seconds (doubles; default: 1)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="Answer length limit (API: max_tokens)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None, help="Nucleus sampling top_p")
-    p.add_argument("--seed", type=int, default=None, help="Sampling seed")
+    add_generation_arguments(p, api=True)
     p.add_argument("--concurrency", type=int, default=4, help="Parallel API requests (default: 4)")
     p.add_argument("--batch-size", type=int, default=8, help="Local model generation batch size (default: 8)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "auto"),
@@ -83,17 +84,27 @@ def _read_few_shot(path: str):
 def _teacher_from_args(args):
     if args.model:
         return LocalTeacher(args.model, batch_size=args.batch_size, dtype=args.dtype,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, chat=False if args.raw_prompt else "auto")
+                            chat=False if args.raw_prompt else "auto", **local_options(args))
     if not args.api_model:
         raise ValueError("--base-url needs --api-model (the model name served there)")
-    params: dict[str, Any] = {"max_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if args.top_p is not None:
-        params["top_p"] = args.top_p
-    if args.seed is not None:
-        params["seed"] = args.seed
+    params = api_params(args)
     return ChatClient(args.base_url, args.api_model, api_key_env=args.api_key_env, timeout=args.timeout,
                       max_retries=args.max_retries, backoff=args.backoff, params=params)
+
+
+def report_answers(out_path, export_path=None) -> dict:
+    """Print the answer statistics of an output-task annotation file (a WARNING with the reasons when they look
+    degenerate) and, with an export path, write them beside it (:func:`~kdistill.annotate.export.write_stats`)."""
+    stats = output_stats(out_path)
+    answers = stats["answers"]
+    print(f"answers: {format_stats(answers)}")
+    if answers["degenerate"]:
+        logger.warning("%s: the teacher's answers look degenerate for sequence-level KD: %s (did generation stop at "
+                       "the end of the answer? see --stop-token, --max-new-tokens)", out_path,
+                       "; ".join(answers["reasons"]))
+    if export_path:
+        print(f"answer statistics written to {write_stats(stats, export_path)}")
+    return stats
 
 
 def run_cli(args) -> int:
@@ -119,6 +130,8 @@ def run_cli(args) -> int:
         if args.export:
             n = export(args.out, args.export, format=args.export_format)
             print(f"exported {n} rows to {args.export}")
+        if args.task == "output":
+            report_answers(args.out, args.export)
     except (DataValidationError, ChatError, AnnotationAborted, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"kdistill annotate: error: {exc}", file=sys.stderr)
         return 2

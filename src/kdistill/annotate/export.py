@@ -1,18 +1,31 @@
-"""Turning an annotation file into a clean dataset (:func:`export`)."""
+"""Turning an annotation file into a clean dataset (:func:`export`), and the provenance and answer statistics
+that go beside it (:func:`output_stats`, :func:`write_stats`)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
+from kdistill.data.answer_stats import answer_stats
 from kdistill.errors import MissingFileError
 from kdistill.jobs import load_records
 
 from .shapes import EXPORT_FORMATS
 from .tasks import get_task
 
-__all__ = ["EXPORT_FORMATS", "export"]
+__all__ = ["EXPORT_FORMATS", "export", "output_stats", "stats_path", "write_stats"]
+
+
+def _write_atomic(dest: Path, text: str) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
 
 
 def export(out_path: str | os.PathLike, dest: str | os.PathLike, format: str = "auto") -> int:
@@ -40,11 +53,37 @@ def export(out_path: str | os.PathLike, dest: str | os.PathLike, format: str = "
             continue
         row = get_task(record.get("task", "output")).export_row(record, format)
         lines.append(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.writelines(lines)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, dest)
+    _write_atomic(dest, "".join(lines))
     return len(lines)
+
+
+def output_stats(out_path: str | os.PathLike) -> dict:
+    """Provenance and answer statistics of an annotation file (task ``output``)::
+
+        {"teacher", "task", "params", "rows", "ok", "failed", "unparsable",
+         "answers": kdistill.data.answer_stats.answer_stats(...)}
+
+    ``rows`` counts the keys in the file, ``ok`` / ``failed`` / ``unparsable`` their last status. The answers
+    measured are every answer the teacher gave (ok and unparsable rows, so empty answers count; failed rows
+    have none), stripped of surrounding whitespace as :func:`export` writes them. ``teacher``, ``task`` and
+    ``params`` are the file's configuration (``None`` for an empty file)."""
+    records = load_records(out_path)
+    statuses = Counter(record["status"] for record in records.values())
+    first = next(iter(records.values()), {})
+    answers = [str(record.get("output") or "").strip() for record in records.values()
+               if record["status"] != "failed"]
+    return {"teacher": first.get("teacher"), "task": first.get("task"), "params": first.get("params"),
+            "rows": len(records), "ok": statuses["ok"], "failed": statuses["failed"],
+            "unparsable": statuses["unparsable"], "answers": answer_stats(answers)}
+
+
+def stats_path(export_path: str | os.PathLike) -> Path:
+    """Where the statistics of an export go: ``<export path>.stats.json``."""
+    return Path(os.fspath(export_path) + ".stats.json")
+
+
+def write_stats(stats: dict, export_path: str | os.PathLike) -> Path:
+    """Write ``stats`` (:func:`output_stats`) beside an export, atomically; returns the path."""
+    path = stats_path(export_path)
+    _write_atomic(path, json.dumps(stats, indent=2, ensure_ascii=False, default=str) + "\n")
+    return path

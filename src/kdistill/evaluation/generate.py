@@ -9,6 +9,11 @@ appends one JSON line per row to ``out_path``::
      "model": <model id>, "params": <generation parameters>, "chat_template": bool, "source": "file:line",
      "time": <UTC ISO 8601>}
 
+``params`` are the :class:`~kdistill.generators.LocalTeacher` parameters (``max_new_tokens``, ``do_sample``, the
+sampling ones, ``repetition_penalty``...) and ``stop_tokens``: the tokens beyond EOS that end an answer (by
+default the chat template's end of turn, e.g. ``<|im_end|>``; ``--stop-token`` adds, ``--no-template-stop``
+removes). The answer is the text before the first stop token.
+
 Row shapes: alpaca -> its fields; prompt/completion -> ``instruction`` = prompt, ``input`` = "",
 ``reference_output`` = completion; messages -> ``instruction`` = the last user turn, ``input`` = "",
 ``reference_output`` = the final assistant turn ("" when there is none). The prompt the model sees is
@@ -42,6 +47,7 @@ from kdistill.data.records import DataValidationError, Example, load_examples
 from kdistill.entry import module_main
 from kdistill.errors import UserError
 from kdistill.generators import LocalTeacher, generation_params, lm_prompt_messages
+from kdistill.generators.options import add_generation_arguments, local_options
 from kdistill.jobs import RecordWriter, content_key, in_batches, load_records, now
 from kdistill.models import require_generative
 
@@ -113,26 +119,34 @@ def _refuse_other_writers(records, out_path, model: str, params: dict) -> None:
 def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256, temperature: float = 0.0,
                   top_p: float | None = None, seed: int | None = None, batch_size: int = 8,
                   limit: int | None = None, chat_template: bool = True, progress: bool = True,
-                  tokenizer=None, dtype=None) -> GenerateSummary:
+                  tokenizer=None, dtype=None, *, do_sample: bool | None = None, top_k: int | None = None,
+                  repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
+                  stop_tokens=None, template_stop: bool = True) -> GenerateSummary:
     """Generate an answer for every instruction row of ``data`` into ``out_path`` (see the module doc).
 
     ``model_path_or_model``: a model folder / hub id, a loaded transformers model (pass ``tokenizer`` unless
     its ``name_or_path`` has one), or a :class:`~kdistill.generators.LocalTeacher` (its own generation
-    parameters are then overridden by the ones given here). Returns a :class:`GenerateSummary`.
+    parameters are then overridden by the ones given here; its stop tokens are kept, and ``stop_tokens`` /
+    ``template_stop`` only apply to a teacher built here). The generation parameters are those of
+    :class:`~kdistill.generators.LocalTeacher` (recorded in every record's ``params``, stop tokens included).
+    Returns a :class:`GenerateSummary`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+           "do_sample": do_sample, "top_k": top_k, "repetition_penalty": repetition_penalty,
+           "no_repeat_ngram_size": no_repeat_ngram_size}
+    generation_params(**gen)  # bad values are refused before anything is read or loaded
     examples = load_examples(os.fspath(data), limit=limit, require_response=False, option="--data").examples
     if isinstance(model_path_or_model, (str, os.PathLike)):
         require_generative(os.fspath(model_path_or_model))
-    gen = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     if isinstance(model_path_or_model, LocalTeacher):
         teacher = model_path_or_model
         teacher.batch_size = int(batch_size)
     else:
         teacher = LocalTeacher(model_path_or_model, tokenizer=tokenizer, batch_size=batch_size, dtype=dtype,
-                               **gen)
-    params = generation_params(**{**teacher.params, **{k: v for k, v in gen.items()}, "do_sample": None})
+                               stop_tokens=stop_tokens, template_stop=template_stop, **gen)
+    params = generation_params(**{**teacher.params, **gen})
     out_path = Path(out_path)
 
     jobs = []  # (key, fields, prompt, source)
@@ -152,12 +166,10 @@ def generate_file(model_path_or_model, data, out_path, max_new_tokens: int = 256
     todo = [job for job in jobs if job[0] not in done]
     summary.skipped = len(jobs) - len(todo)
     writer = RecordWriter(out_path, fsync_every=1)
-    call_params = {k: params[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
-                   if k in params}
     try:
         with tqdm(total=len(todo), desc="generate", unit="row", disable=not progress, dynamic_ncols=True) as bar:
             for chunk in in_batches(todo, batch_size):
-                answers = teacher.generate([job[2] for job in chunk], **call_params)
+                answers = teacher.generate([job[2] for job in chunk], **params)
                 for (key, fields, _prompt_text, source), answer in zip(chunk, answers):
                     writer.write({"key": key, "status": "ok", **fields, "generate_output": answer,
                                   "model": teacher.id, "params": params, "chat_template": bool(chat_template),
@@ -177,10 +189,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Model folder or hub id (transformers)")
     p.add_argument("--data", required=True, help="Instruction rows: alpaca, prompt/completion or messages (.jsonl/.json)")
     p.add_argument("--out", required=True, help="Append-only JSONL output; rerunning with the same file resumes")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="Answer length limit (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=None, help="Nucleus sampling top_p")
-    p.add_argument("--seed", type=int, default=None, help="Sampling seed")
+    add_generation_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="Generation batch size (default: 8)")
     p.add_argument("--limit", type=int, default=None, help="First N rows only")
     p.add_argument("--no-chat-template", action="store_true",
@@ -201,11 +210,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run_cli(args) -> int:
     """Run ``generate`` from parsed arguments. Exit code 0, or 2 on an error (printed to stderr)."""
     try:
-        summary = generate_file(args.model, args.data, args.out, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                batch_size=args.batch_size, limit=args.limit,
+        summary = generate_file(args.model, args.data, args.out, batch_size=args.batch_size, limit=args.limit,
                                 chat_template=not args.no_chat_template, progress=not args.no_progress,
-                                dtype=getattr(args, "dtype", None))
+                                dtype=getattr(args, "dtype", None), **local_options(args))
     except (UserError, DataValidationError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
         print(f"kdistill generate: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ import torch
 from kdistill.config import ConfigError, RunConfig
 from kdistill.data import (LM_FORMATS, DataCollatorForDistillation, DataValidationError, EmbeddingCollator,
                            EncodeStats, encode_examples, load_examples, tokenize_texts)
+from kdistill.data.answer_stats import answer_stats, example_response, format_stats
 from kdistill.data.collators import TextFieldCollator
 from kdistill.models import (apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model,
                              load_tokenizer, save_student, shrink)
@@ -45,6 +46,7 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         raise DataValidationError([f"{wrong[0].source}: a {wrong[0].kind} row cannot train a language model "
                                    f"({len(wrong)} such row(s)); LM runs need alpaca, prompt/completion or messages "
                                    f"rows (embedding rows go with task: embedding)"])
+    _warn_if_degenerate(source, loaded.examples)
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
     if any(c.uses_text_fields for c in _objective_classes(cfg)):
@@ -64,6 +66,16 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
                                    f"{stats.dropped_no_target} of them with no response token left after "
                                    f"data.max_length={cfg.data.max_length} (raise it)"])
     return ListDataset(rows, stats.sources or None), report
+
+
+def _warn_if_degenerate(source: str, examples) -> None:
+    """A WARNING naming the file when its responses look like a failed teacher's (SeqKD data that never
+    stopped, loops, or is empty: :mod:`kdistill.data.answer_stats`); training goes on."""
+    stats = answer_stats(example_response(ex) for ex in examples)
+    if stats["degenerate"]:
+        logger.warning("%s: the responses look degenerate (%s): %s. If they are a teacher's answers (sequence-level "
+                       "KD), check how they were generated; if they are short labels, ignore this", source,
+                       format_stats(stats), "; ".join(stats["reasons"]))
 
 
 def _encode_with_triplets(cfg: RunConfig, examples, tokenizer, source, split, encode):
