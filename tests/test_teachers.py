@@ -80,3 +80,16 @@ def test_a_new_source_plugs_into_the_trainer_and_gives_the_live_teachers_loss(ti
     assert source.calls == 1  # once per view and micro-batch
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert want.item() > 0
+
+
+def test_a_teacher_no_objective_reads_is_not_loaded(tiny_causal, alpaca_small, tmp_path, caplog):
+    """A CE-only variant of a KD config (what `kdistill compare` trains as its baseline) keeps its teacher section;
+    the teacher is then neither loaded nor run."""
+    raw = run_config(tiny_causal["teacher"], tiny_causal["student"], alpaca_small, tmp_path)
+    raw["objectives"] = {"ce": {"weight": 1.0}}
+    with caplog.at_level("INFO", logger="kdistill.recipes.lm"):
+        prepared = prepare(config_from_dict(raw))
+    assert prepared.teacher is None and prepared.trainer.teacher is None
+    assert "not loaded: no objective reads it" in caplog.text
+    raw["objectives"] = {"ce": {"weight": 0.5}, "kd": {"weight": 0.5}}
+    assert prepare(config_from_dict(raw)).teacher is not None

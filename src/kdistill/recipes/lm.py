@@ -149,6 +149,10 @@ class LMRecipe(Recipe):
         tokenizer = load_tokenizer(cfg.student, "student.name_or_path")
         cached = bool(cfg.cache.dir)  # teacher signals come from a top-k cache: no teacher model is loaded
         has_teacher = bool(cfg.teacher.name_or_path) and not cached
+        if has_teacher and not any(c.teacher_needs for c in _objective_classes(cfg)):
+            logger.info("teacher %s not loaded: no objective reads it (%s)", cfg.teacher.name_or_path,
+                        ", ".join(cfg.objectives))
+            has_teacher = False
         encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, "student.name_or_path",
                                              trust_remote_code=cfg.student.trust_remote_code)
         if has_teacher:
