@@ -80,10 +80,11 @@ def comparison(tmp_path) -> Path:
     for (method, seed), values in VALUES.items():
         run = out / f"{method}-seed{seed}"
         _write(run / "kdistill_config.yaml", _config({"fkl": "forward_kl", "rkl": "reverse_kl"}[method], seed))
+        # as `kdistill train` writes it: the Trainer's train_runtime is the last log_history entry
         _write(run / "kdistill_summary.json", {
-            "train_runtime": 20.0 + 3 * seed + (method == "rkl"),
             "log_history": [{"step": 2, "loss": 3.0, "loss/kd": 1.0},
-                            {"step": 4, "loss": 2.0 + seed / 4, "loss/kd": 0.5 + seed / 8}]})
+                            {"step": 4, "loss": 2.0 + seed / 4, "loss/kd": 0.5 + seed / 8},
+                            {"step": 4, "train_runtime": 20.0 + 3 * seed + (method == "rkl"), "train_loss": 2.5}]})
         _write(run / "eval_lm.json", _eval_lm({"student": values}))
         _write(run / "rouge.json", _rouge({f"{method}-seed{seed}": ROUGE[(method, seed)]}))
     return out

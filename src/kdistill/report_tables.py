@@ -197,8 +197,12 @@ def training_table(groups: list[dict]) -> dict | None:
             steps = [e["step"] for e in run["log_history"] if is_number(e.get("step"))]
             if steps or "global_step" in run["summary"]:
                 metrics["steps"] = max(steps) if steps else run["summary"]["global_step"]
-            if "train_runtime" in run["summary"]:
-                metrics["train time (s)"] = run["summary"]["train_runtime"]
+            runtime = run["summary"].get("train_runtime")
+            for entry in run["log_history"]:  # where `kdistill train` has it: the Trainer's last log entry
+                if is_number(entry.get("train_runtime")):
+                    runtime = entry["train_runtime"]
+            if is_number(runtime):
+                metrics["train time (s)"] = runtime
             metrics.update({f"final {k}": v for k, v in final_losses(run, terms).items()})
             if not metrics:
                 continue
