@@ -75,6 +75,23 @@ def test_bad_specs_name_the_line(tmp_path, base, change, message):
         load_spec(path)
 
 
+def test_a_comparison_without_a_teacher_is_refused_before_anything_trains(tmp_path, base):
+    raw = yaml.safe_load(base.read_text())
+    del raw["teacher"]
+    raw["objectives"] = {"ce": {"weight": 1.0}}
+    _write(base, raw)
+    (tmp_path / "x.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    spec = _spec(tmp_path, base, [str(tmp_path / "x.jsonl")])
+    spec["variants"] = {"ce": {}}
+    path = _write(tmp_path / "compare.yaml", spec)
+    with pytest.raises(ConfigError, match=r"compare.yaml: teacher: the base config has no teacher"):
+        load_spec(path)
+    spec["teacher"] = str(base.parent / "somewhere")
+    _write(path, spec)
+    loaded = load_spec(path)
+    assert loaded.teacher == str(base.parent / "somewhere") and loaded.eval.max_length == 64
+
+
 def test_spec_reads_relative_paths_from_beside_it(tmp_path, base, monkeypatch):
     (tmp_path / "held.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
     path = _write(tmp_path / "compare.yaml", _spec(tmp_path, "base.yaml", ["held.jsonl"]))

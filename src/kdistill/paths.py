@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from kdistill.errors import UserError
 
-__all__ = ["OutputPathError", "check_output_dir", "free_bytes"]
+__all__ = ["OutputPathError", "check_output_dir", "free_bytes", "write_json_atomic"]
 
 
 class OutputPathError(UserError, OSError):
@@ -42,3 +44,17 @@ def free_bytes(path: str | os.PathLike) -> int:
     while not folder.exists():
         folder = folder.parent
     return shutil.disk_usage(folder).free
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, default=None) -> None:
+    """Write `obj` as indented JSON to `path` (its folder created) through a temporary file renamed over it, so a
+    reader never sees half a file. `default`: as in `json.dump` (e.g. `str` for paths and numpy numbers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, default=default)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -69,17 +69,25 @@ def metric_figure(table: dict) -> Figure | None:
     return fig
 
 
+def _panels(n: int, height: float) -> tuple[Figure, list]:
+    """A figure with `n` panels, three to a row (`height` inches per row); the panels past `n` are hidden."""
+    cols = min(3, n)
+    nrows = -(-n // cols)
+    fig = Figure(figsize=(4.5 * cols, height * nrows))
+    axes = list(fig.subplots(nrows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.axis("off")
+    return fig, axes[:n]
+
+
 def results_figure(table: dict) -> Figure | None:
     """One panel per column (at most 12) with one bar per row, error bars = sd over seeds."""
     columns = [c for c in table["columns"] if any(c in r["cells"] and is_number(r["cells"][c].get("mean"))
                                                   for r in table["rows"])][:_MAX_PANELS]
     if not columns or not table["rows"]:
         return None
-    cols = min(3, len(columns))
-    nrows = -(-len(columns) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.2 * nrows))
-    axes = fig.subplots(nrows, cols, squeeze=False)
-    for ax, col in zip(axes.flat, columns):
+    fig, axes = _panels(len(columns), 3.2)
+    for ax, col in zip(axes, columns):
         present = [r for r in table["rows"] if col in r["cells"]]
         means = [float(r["cells"][col]["mean"]) for r in present]
         errs = [float(r["cells"][col]["sd"] or 0.0) for r in present]
@@ -90,8 +98,6 @@ def results_figure(table: dict) -> Figure | None:
         if is_log_metric(col):
             _log_axis(ax)
         ax.set_title(col, fontsize=9)
-    for ax in list(axes.flat)[len(columns):]:
-        ax.axis("off")
     fig.suptitle(table["title"])
     fig.tight_layout()
     return fig
@@ -101,11 +107,8 @@ def loss_figure(runs: list[dict], terms: list[str]) -> Figure | None:
     """One panel per loss term, one line per run (x: step)."""
     if not terms:
         return None
-    cols = min(3, len(terms))
-    nrows = -(-len(terms) // cols)
-    fig = Figure(figsize=(4.5 * cols, 3.4 * nrows))
-    axes = fig.subplots(nrows, cols, squeeze=False)
-    for ax, term in zip(axes.flat, terms):
+    fig, axes = _panels(len(terms), 3.4)
+    for ax, term in zip(axes, terms):
         for run in runs:
             pts = [(e["step"], e[term]) for e in run["log_history"] if is_number(e.get(term))
                    and is_number(e.get("step"))]
@@ -116,8 +119,6 @@ def loss_figure(runs: list[dict], terms: list[str]) -> Figure | None:
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(terms):]:
-        ax.axis("off")
     fig.suptitle("loss per term")
     fig.tight_layout()
     return fig

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import yaml
@@ -34,15 +33,16 @@ from kdistill.evaluation.lm import lm_diagnostics
 from kdistill.evaluation.rouge import rouge_scores
 from kdistill.generators import ChatClient
 from kdistill.models import load_model, load_tokenizer
+from kdistill.paths import write_json_atomic
 from kdistill.pipeline import run_training
 from kdistill.recipes.lm import build_cache
 from kdistill.report import build_report
+from kdistill.report_data import SUMMARY_FILE
 
 __all__ = ["run_compare", "train_runs", "evaluate_runs", "generate_runs", "STUDENTS_PER_PASS"]
 
 logger = logging.getLogger(__name__)
 
-SUMMARY = "kdistill_summary.json"
 STUDENTS_PER_PASS = 4  # students held in memory beside the teacher during eval lm
 
 
@@ -58,7 +58,7 @@ def _plain(data):
 
 def _finished(cfg, run_dir: Path) -> bool:
     """Whether `run_dir` holds a finished run of exactly `cfg` (refused when it holds another run)."""
-    summary, saved = run_dir / SUMMARY, run_dir / CONFIG_FILENAME
+    summary, saved = run_dir / SUMMARY_FILE, run_dir / CONFIG_FILENAME
     if not summary.is_file() or not saved.is_file():
         return False
     old, new = _plain(yaml.safe_load(saved.read_text(encoding="utf-8"))), _plain(to_dict(cfg))
@@ -69,52 +69,26 @@ def _finished(cfg, run_dir: Path) -> bool:
     return True
 
 
-def train_runs(spec: CompareSpec) -> dict[str, float]:
-    """Step 1. Returns {run folder name: wall seconds spent in this call} for the runs trained now."""
+def train_runs(spec: CompareSpec) -> None:
+    """Step 1 (see the module docstring)."""
     configs = {(v, s): _run_config(spec, v, s) for v, s in spec.runs}  # every config checked before any training
-    spent = {}
     for (variant, seed), cfg in configs.items():
         run_dir = spec.run_dir(variant, seed)
         if _finished(cfg, run_dir):
             logger.info("%s: finished earlier, kept", run_dir)
             continue
-        start = time.perf_counter()
         if cfg.cache.dir:
             build_cache(cfg)
         print(f"compare: training {run_dir.name}", flush=True)
         run_training(cfg)
-        spent[run_dir.name] = time.perf_counter() - start
-    return spent
-
-
-def _teacher_path(spec: CompareSpec) -> str:
-    if spec.teacher:
-        return spec.teacher
-    cfg = load_config(spec.base)
-    if not cfg.teacher.name_or_path:
-        raise ConfigError(f"{spec.source}: the base config has no teacher; give `teacher:` (the model the students "
-                          f"are compared with)")
-    return cfg.teacher.name_or_path
-
-
-def _max_length(spec: CompareSpec) -> int:
-    return spec.eval.max_length or load_config(spec.base).data.max_length
-
-
-def _write(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
 
 
 def evaluate_runs(spec: CompareSpec, progress: bool = True) -> None:
     """Step 2 (see the module docstring)."""
     run_dirs = [spec.run_dir(v, s) for v, s in spec.runs]
-    teacher_path = _teacher_path(spec)
+    teacher_path, max_length = spec.teacher, spec.eval.max_length
     tokenizer = load_tokenizer(ModelConfig(name_or_path=teacher_path))
     teacher = load_model(ModelConfig(name_or_path=teacher_path), role="teacher")
-    max_length = _max_length(spec)
     per_run: dict[Path, dict] = {d: {} for d in run_dirs}
     teacher_only: dict[str, dict] = {}
     for name, data in spec.eval.data.items():
@@ -124,15 +98,14 @@ def evaluate_runs(spec: CompareSpec, progress: bool = True) -> None:
             result = lm_diagnostics(teacher, students, tokenizer, data, max_length=max_length,
                                     batch_size=spec.eval.batch_size, limit=spec.eval.limit,
                                     skip_invalid=spec.eval.skip_invalid, progress=progress)
-            result["data"] = data
             for d in group:
                 per_run[d][name] = {**result, "students": {d.name: result["students"][d.name]}}
             teacher_only[name] = {**result, "students": {}}
             del students
     head = {"kind": "lm", "max_length": max_length, "teacher": {"path": teacher_path}}
     for d, datasets in per_run.items():
-        _write(d / "eval_lm.json", {**head, "datasets": datasets})
-    _write(spec.teacher_dir / "eval_lm.json", {**head, "datasets": teacher_only})
+        write_json_atomic(d / "eval_lm.json", {**head, "datasets": datasets}, default=str)
+    write_json_atomic(spec.teacher_dir / "eval_lm.json", {**head, "datasets": teacher_only}, default=str)
 
 
 def _judge_client(spec: CompareSpec):
@@ -145,7 +118,7 @@ def generate_runs(spec: CompareSpec, progress: bool = True) -> None:
     gen = spec.eval.generate
     if gen is None:
         return
-    models = {spec.teacher_dir: _teacher_path(spec)}
+    models = {spec.teacher_dir: spec.teacher}
     models.update({spec.run_dir(v, s): str(spec.run_dir(v, s)) for v, s in spec.runs})
     client = _judge_client(spec) if spec.eval.judge else None
     for folder, model in models.items():
@@ -164,9 +137,10 @@ def generate_runs(spec: CompareSpec, progress: bool = True) -> None:
                 scores = {d.lower(): m for d, m in summary.means.items() if m is not None}
                 judged[name] = {"data": data, "models": {label: {**scores, "valid": summary.valid,
                                                                  "total": summary.total}}}
-        _write(folder / "rouge.json", {"kind": "rouge", "datasets": rouge})
+        write_json_atomic(folder / "rouge.json", {"kind": "rouge", "datasets": rouge}, default=str)
         if judged:
-            _write(folder / "judge.json", {"kind": "judge", "judge": spec.eval.judge.model, "datasets": judged})
+            write_json_atomic(folder / "judge.json", {"kind": "judge", "judge": spec.eval.judge.model, "datasets": judged},
+                              default=str)
 
 
 def run_compare(spec: CompareSpec, evaluate: bool = True, progress: bool = True) -> Path:

@@ -11,7 +11,7 @@ variants:                        # name -> config overrides (and optionally `see
   cached: {cache.dir: runs/cache-top64, seeds: [0]}
 eval:
   data: {alpaca: heldout.jsonl, gpt4: other.jsonl}  # or a list of files (named by their stems)
-  max_length: null               # default: each run's data.max_length
+  max_length: null               # default: the base config's data.max_length
   generate: {limit: 64, max_new_tokens: 96}         # ROUGE-L of greedy answers; omit to skip
   judge: {base_url: http://127.0.0.1:8000/v1, model: NAME}   # optional LLM judge of those answers
 ```
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdistill.config import read_yaml, yaml_lines
+from kdistill.config import load_config, read_yaml, yaml_lines
 from kdistill.data.records import looks_local
 from kdistill.errors import ConfigError, MissingFileError
 
@@ -84,7 +84,7 @@ class CompareSpec:
     variants: dict[str, Variant]
     eval: EvalSpec
     baseline: str | None = None
-    teacher: str | None = None
+    teacher: str | None = None  # the spec's `teacher:`, else the base config's (load_spec refuses neither)
     runs: list[tuple[str, int]] = field(default_factory=list)  # (variant, seed) in training order
 
     def run_dir(self, variant: str, seed: int) -> Path:
@@ -246,7 +246,13 @@ def load_spec(path: str | Path) -> CompareSpec:
     teacher = raw.get("teacher")
     if teacher is not None and not isinstance(teacher, str):
         raise ConfigError(f"{where('teacher')}: expected a model folder or hub id")
+    base_cfg = load_config(base)  # the evaluation's defaults: known (and refused) before anything trains
+    teacher = local(teacher) if teacher else base_cfg.teacher.name_or_path
+    if not teacher:
+        raise ConfigError(f"{where('teacher')}: the base config has no teacher; give `teacher:` (the model the "
+                          f"students are compared with)")
+    rest.max_length = rest.max_length or base_cfg.data.max_length
     spec = CompareSpec(source=str(path), base=base, out=out, variants=variants, eval=rest, baseline=baseline,
-                       teacher=local(teacher) if teacher else None)
+                       teacher=teacher)
     spec.runs = [(v.name, s) for v in variants.values() for s in v.seeds]
     return spec

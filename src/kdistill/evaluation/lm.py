@@ -25,7 +25,6 @@ The command evaluates several data sets (`--data` repeated) with the models load
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ from kdistill.evaluation.names import data_name, folder_name, named_paths
 from kdistill.losses.divergences import forward_kl, reverse_kl
 from kdistill.models import compare_tokenizers, kd_vocab_size, load_model, load_tokenizer
 from kdistill.models.heads import align_positions
-from kdistill.paths import check_output_dir
+from kdistill.paths import check_output_dir, write_json_atomic
 
 __all__ = ["DEFAULT_MAX_LENGTH", "add_parser", "eval_vocab_size", "format_table", "lm_diagnostics",
            "resolve_max_length", "run_cli"]
@@ -275,13 +274,6 @@ def _explain(max_length: int, origin: str) -> str:
     return f"max_length {max_length} (the run's data.max_length, from the {origin})"
 
 
-def _write_json(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    tmp.replace(out)
-
-
 def _describe(name: str, entry: dict, skipped: list[str]) -> str:
     text = (f"{name} ({entry['data']}): {entry['examples']} examples, {entry['tokens']} response tokens; "
             f"{entry['skipped_invalid']} skipped invalid, {entry['dropped_no_target']} dropped (no response token "
@@ -327,6 +319,6 @@ def run_cli(args) -> int:
         result["datasets"][name] = {"data": path, **entry}
         print(_describe(name, result["datasets"][name], loaded[name].skipped))
         print(format_table(entry))
-        _write_json(out, result)  # after every data set: a failure in a later one keeps the earlier results
+        write_json_atomic(out, result)  # after every data set: a failure in a later one keeps the earlier results
     print(f"results: {out}")
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kdistill.errors import MissingFileError, UserError
 from kdistill.evaluation.names import data_name, named_paths
-from kdistill.paths import check_output_dir
+from kdistill.paths import check_output_dir, write_json_atomic
 
 __all__ = ["METRICS", "add_parser", "answers_dataset", "format_table", "rouge_report", "rouge_scores", "run_cli"]
 
@@ -147,9 +147,6 @@ def run_cli(args) -> int:
     for dataset, entry in report["datasets"].items():
         print(f"{dataset}:")
         print(format_table(entry))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    tmp.replace(out)
+    write_json_atomic(out, report)
     print(f"results: {out}")
     return 0

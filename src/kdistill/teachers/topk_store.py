@@ -31,13 +31,13 @@ manifest marked complete opens a writer with ``complete = True`` that refuses to
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kdistill.paths import write_json_atomic
 from kdistill.teachers.topk_codec import TopKCodec
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "TopKStore", "VERSION", "first_difference", "json_roundtrip", "list_shards",
@@ -55,16 +55,6 @@ _MISSING = "<missing>"
 # ====================================================================== shared helpers
 def shard_stem(shard: int) -> str:
     return f"shard-{shard:05d}"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
