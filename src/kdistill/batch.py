@@ -11,8 +11,8 @@ teacher sources, objectives) works on the typed :class:`Batch`:
   labels (embedding rows: anchor, positive, negative, sentence1, sentence2, text; triplet fields of an LM run);
 * teacher signals a source put in the batch beforehand, `Batch.teacher`: the top-k cache's `teacher_topk_indices` /
   `teacher_topk_logprobs` (N, k) rows, precomputed teacher embeddings `teacher_<field>`;
-* `Batch.samples`: token views produced during the step (e.g. student samples of on-policy distillation), empty
-  for batches that come from a dataset.
+* `Batch.sampled_by`: None for text from the dataset; "student" or "teacher" when on-policy distillation
+  (`kdistill.onpolicy`) replaced the main view by answers sampled during the step (collated key `sampled_by`).
 
 Counts (:class:`Counts`): the trained tokens per view (after the causal shift), examples and, for alignment
 objectives, hidden-state positions per view and stack; the trainer sums them over an optimizer step's micro-batches
@@ -29,7 +29,7 @@ import torch
 
 from kdistill.models.heads import shifted_targets
 
-__all__ = ["Batch", "Counts", "TextField", "TokenView", "TOPK_KEYS", "hidden_position_mask", "teacher_key",
+__all__ = ["SAMPLED_BY", "Batch", "Counts", "TextField", "TokenView", "TOPK_KEYS", "hidden_position_mask", "teacher_key",
            "view_key"]
 
 VIEW_KEYS = ("input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask")
@@ -37,6 +37,7 @@ TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 TOPK_KEYS = ("teacher_topk_indices", "teacher_topk_logprobs")
 TEACHER_PREFIX = "teacher_"
 LABELS = "labels"
+SAMPLED_BY = "sampled_by"
 
 
 def view_key(view: str, key: str) -> str:
@@ -106,7 +107,7 @@ class Batch:
     views: dict[str, TokenView] = field(default_factory=dict)
     texts: dict[str, TextField] = field(default_factory=dict)
     teacher: dict[str, torch.Tensor] = field(default_factory=dict)
-    samples: dict[str, TokenView] = field(default_factory=dict)
+    sampled_by: str | None = None  # "student" / "teacher": the main view holds answers sampled in this step
     extra: dict[str, Any] = field(default_factory=dict)  # other collated values (num_negatives, score, ...)
 
     @classmethod
@@ -124,6 +125,9 @@ class Batch:
                                  f"{view_key(name, 'input_ids')}")
             batch.views[name] = TokenView(**present)
             keys -= {view_key(name, k) for k in present}
+        if SAMPLED_BY in keys:
+            batch.sampled_by = inputs[SAMPLED_BY]
+            keys.discard(SAMPLED_BY)
         for key in sorted(k for k in keys if k.startswith(TEACHER_PREFIX)):
             batch.teacher[key] = inputs[key]
             keys.discard(key)

@@ -79,7 +79,8 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     recipe = select_recipe(cfg)
     parts = recipe.build(cfg)
     trainer = DistillTrainer(model=parts.student, teacher=parts.teacher, objectives=parts.objectives,
-                             kd_vocab=parts.kd_vocab, chunking=parts.chunking, args=training_arguments(cfg),
+                             kd_vocab=parts.kd_vocab, chunking=parts.chunking, on_policy=parts.on_policy,
+                             args=training_arguments(cfg),
                              train_dataset=parts.train_dataset, eval_dataset=parts.eval_dataset,
                              data_collator=parts.collator, processing_class=parts.tokenizer, callbacks=callbacks)
     return Prepared(cfg=cfg, recipe=recipe, parts=parts, trainer=trainer)

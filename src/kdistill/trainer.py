@@ -10,7 +10,11 @@ checkpoints/resume and `report_to` (wandb, tensorboard) work as users know them.
 * global normalisation: every objective divides by the number of trained tokens in the whole optimizer step
   (all gradient-accumulation micro-batches, all processes), so 2 x B/2 accumulation equals 1 x B and two
   processes equal one process on the same global batch;
-* every term and metric logged separately (`loss/ce`, `loss/kd`, `kd/top1_agreement`, ...);
+* on-policy distillation (`on_policy`, `kdistill.onpolicy`): an optimizer step's micro-batches are fetched, their
+  answers sampled (student or, with seq_kd, teacher) and only then counted, so objectives divide by the step's
+  generated tokens;
+* every term and metric logged separately (`loss/ce`, `loss/kd`, `kd/top1_agreement`, ...), each averaged over the
+  optimizer steps that produced it;
 * chunked token losses for large vocabularies (`chunk_size`): the student (and a live teacher) run with their
   output layer bypassed, so their forward returns the final hidden states, and `ce`/`kd` project them to the
   vocabulary a chunk of positions at a time (`kdistill.losses.chunked`): no (tokens x V) logits, forward or
@@ -33,6 +37,7 @@ from kdistill.embedder import Embedder
 from kdistill.models.heads import (OutputHead, align_positions, base_model, chunking_problem, lm_model_inputs,
                                    output_layer, output_layer_bypassed)
 from kdistill.objectives import Objective, StepBatch
+from kdistill.onpolicy import OnPolicy
 from kdistill.pooling import pool
 from kdistill.teachers.base import TeacherSource
 from kdistill.teachers.live import LiveTeacher
@@ -59,9 +64,11 @@ class DistillTrainer(Trainer):
 
     def __init__(self, model=None, args=None, *rest, teacher: TeacherSource | torch.nn.Module | None = None,
                  objectives: dict[str, tuple[Objective, float]] | None = None,
-                 kd_vocab: int | None = None, chunking: dict | None = None, **kwargs):
+                 kd_vocab: int | None = None, chunking: dict | None = None, on_policy: OnPolicy | None = None,
+                 **kwargs):
         """teacher: a `kdistill.teachers` source, or a model (then a `LiveTeacher`). chunking: {"mode": "auto" |
-        "on" | "off", "chunk_size": int | "auto", "min_vocab": int} (see `resolve_chunking`; default off)."""
+        "on" | "off", "chunk_size": int | "auto", "min_vocab": int} (see `resolve_chunking`; default off).
+        on_policy: samples the answers of on-policy steps (`kdistill.onpolicy.OnPolicy`), or None."""
         if not objectives:
             raise ValueError("DistillTrainer needs at least one objective")
         if isinstance(teacher, torch.nn.Module):
@@ -78,6 +85,7 @@ class DistillTrainer(Trainer):
         self.model_outputs = frozenset().union(*(o.model_outputs for o, _ in objectives.values()))
         self.kd_vocab = kd_vocab
         self.teacher = teacher
+        self.on_policy = on_policy
         config = self.accelerator.unwrap_model(self.model).config
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         if teacher is not None:
@@ -86,9 +94,9 @@ class DistillTrainer(Trainer):
         if teacher is not None:
             teacher.setup(encoder_decoder=self.is_encoder_decoder, chunked=self.chunk_size is not None,
                           outputs=self.model_outputs)
-        self._terms: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0]),
-                                                           "eval": defaultdict(lambda: [0.0, 0])}
-        self._window_start: int | None = None  # global step when the current logging window opened
+        # key -> [sum, calls, optimizer steps that recorded it]
+        self._terms: dict[str, dict[str, list]] = {"train": defaultdict(lambda: [0.0, 0, set()]),
+                                                   "eval": defaultdict(lambda: [0.0, 0, set()])}
 
     @staticmethod
     def _attach_objective_parts(model, objectives) -> None:
@@ -159,6 +167,23 @@ class DistillTrainer(Trainer):
     def _local_counts(self, batch: Batch) -> Counts:
         return batch.counts(self.is_encoder_decoder, self._stacks())
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """An optimizer step's micro-batches (on-policy steps: their sampled answers) and their global counts."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if self.on_policy is not None and batches:
+            teacher = self.teacher.model if self.teacher is not None else None
+            batches, logged = self.on_policy.prepare(batches, self.state.global_step,
+                                                     self.accelerator.unwrap_model(self.model), teacher,
+                                                     synced=self.args.world_size > 1)
+            for key, value in logged.items():
+                self._record("train", key, value)
+        return batches, self._get_num_items_in_batch(batches, device)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Counts | None:
         """Global counts over the optimizer step's micro-batches and all processes (0-dim tensors)."""
         if not batch_samples:
@@ -211,6 +236,7 @@ class DistillTrainer(Trainer):
         counts = num_items_in_batch if num_items_in_batch is not None else self._local_counts(batch)
         return StepBatch(batch, counts, teacher=self.teacher, encoder_decoder=self.is_encoder_decoder,
                          kd_vocab=self.kd_vocab, chunk_size=self.chunk_size,
+                         policy=self.on_policy.cfg if self.on_policy is not None else None,
                          student_forward=lambda tokens: self._student_forward(model, tokens),
                          embed=lambda text: self._embed(model, text))
 
@@ -241,36 +267,37 @@ class DistillTrainer(Trainer):
     # -------------------------------------------------------------------------------------------------- logs
     def _record(self, mode: str, key: str, value: float | torch.Tensor) -> None:
         """Accumulate a logged value. Training values are normalised by the step's global counts, so they add up over
-        the micro-batches of an optimizer step and are divided by the optimizer steps since the last log; evaluation
-        values (each batch normalised by its own count) are averaged per batch.
+        the micro-batches of an optimizer step and are divided by the optimizer steps since the last log that
+        recorded them (a value only on-policy steps give is their mean); evaluation values (each batch normalised by
+        its own count) are averaged per batch.
 
         Values may be 0-dim tensors: they are summed on the device and read once, at log time (no per-step sync).
         """
-        if mode == "train" and self._window_start is None:
-            self._window_start = self.state.global_step  # also right after resuming from a checkpoint
         slot = self._terms[mode][key]
         slot[0] += value
         slot[1] += 1
+        slot[2].add(self.state.global_step)
 
     def _flush(self, mode: str) -> dict[str, float]:
         terms = self._terms[mode]
         if not terms:
             return {}
-        steps = max(self.state.global_step - (self._window_start or 0), 1)
         keys = sorted(terms)
-        values = torch.tensor([float(terms[k][0]) / (steps if mode == "train" else max(terms[k][1], 1))
+        values = torch.tensor([float(terms[k][0]) / max(len(terms[k][2]) if mode == "train" else terms[k][1], 1)
                                for k in keys],
                               dtype=torch.float64, device=self.args.device)
         if self.args.world_size > 1:
             values = self.accelerator.reduce(values, reduction="mean")
         terms.clear()
         prefix = "eval_" if mode == "eval" else ""
-        return {f"{prefix}{k}": round(v, 6) for k, v in zip(keys, values.tolist())}
+        out = {f"{prefix}{k}": round(v, 6) for k, v in zip(keys, values.tolist())}
+        if mode == "train" and self.on_policy is not None:
+            out["on_policy/fraction"] = round(self.on_policy.fraction(self.state.global_step), 6)
+        return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs = {**logs, **self._flush("train")}
-            self._window_start = None
         elif any(k.startswith("eval_") for k in logs):
             logs = {**logs, **self._flush("eval")}
         super().log(logs, *args, **kwargs)

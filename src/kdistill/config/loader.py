@@ -155,9 +155,11 @@ def _build(cls, raw: Any, path: tuple[str, ...], lines: dict, source: str):
         if name not in raw:
             continue
         key_path = (*path, name)
-        tp = hints[name]
+        tp, optional = _strip_optional(hints[name])
         value = raw[name]
-        if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(tp) and optional and value is None:
+            kwargs[name] = None  # an optional section left out (`on_policy: null`)
+        elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, key_path, lines, source)
         elif typing.get_origin(tp) is dict:
             _, value_tp = typing.get_args(tp)
@@ -174,7 +176,7 @@ def _build(cls, raw: Any, path: tuple[str, ...], lines: dict, source: str):
             else:
                 kwargs[name] = dict(value)
         else:
-            kwargs[name] = _coerce(value, tp, where(key_path))
+            kwargs[name] = _coerce(value, hints[name], where(key_path))
     try:
         return cls(**kwargs)  # a Checked dataclass: choices and bounds are checked here
     except FieldError as exc:
@@ -272,7 +274,7 @@ def describe(cls=RunConfig, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        tp = hints[f.name]
+        tp = _strip_optional(hints[f.name])[0]
         help_text = f.metadata.get("help", "")
         if dataclasses.is_dataclass(tp):
             out.append(f"{key}: {help_text}")

@@ -9,6 +9,7 @@ Sections:
     data        where examples come from and how they become tokens
     objectives  name -> settings; the total loss is sum(weight * objective)
     lora        optional LoRA adapters on the student (peft)
+    on_policy   optional: the student generates, the teacher scores (GKD / on-policy distillation)
     training    any `transformers.TrainingArguments` field (output_dir, learning_rate, ...)
 """
 
@@ -23,7 +24,7 @@ from kdistill.objectives.ce import CrossEntropyConfig
 from kdistill.objectives.kd import LogitKDConfig
 
 __all__ = ["CONFIG_FILENAME", "CacheConfig", "ChunkedLossConfig", "DataConfig", "EmbeddingConfig", "LoraConfig",
-           "ModelConfig", "RunConfig", "StepByStepConfig", "default_objectives"]
+           "ModelConfig", "OnPolicyConfig", "RunConfig", "StepByStepConfig", "default_objectives"]
 
 CONFIG_FILENAME = "kdistill_config.yaml"
 
@@ -139,6 +140,38 @@ class CacheConfig(Checked):
     shard_mb: int = option(256, "Shard file size.", ge=1)
 
 
+@dataclass
+class OnPolicyConfig(Checked):
+    """On-policy distillation: on a share `lmbda` of the optimizer steps the student generates answers to the
+    batch's prompts with its current weights and the teacher scores them (GKD, Agarwal et al. 2024; on-policy
+    distillation with a per-token reverse-KL advantage, Thinking Machines 2025). The section's presence turns it
+    on; `objectives` must be terms that can score samples (kd)."""
+
+    lmbda: float = option(1.0, "Probability that an optimizer step trains on student samples (the same coin flip on "
+                          "every process); the other steps train on the dataset's responses, or on teacher samples "
+                          "with seq_kd. 0 = off-policy training.", ge=0, le=1)
+    seq_kd: bool = option(False, "GKD's SeqKD variant: the steps that are not on-policy train on answers the "
+                          "teacher samples (same sampling settings) instead of the dataset's responses.")
+    max_new_tokens: int = option(128, "Most tokens sampled per answer; a longer answer is cut there (trained "
+                                 "without an end token) and counted as truncated.", ge=1)
+    temperature: float = option(1.0, "SAMPLING temperature (the loss temperature stays objectives.kd.temperature).",
+                                gt=0)
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.",
+                          gt=0, le=1)
+    top_k: int | None = option(None, "Sample among the k most likely tokens only (default: all).", ge=1)
+    mode: str = option("divergence", "divergence: objectives.kd's divergence over the full vocabulary at every "
+                       "sampled position (GKD). sampled_token: the per-token advantage log p_teacher(x_t) - "
+                       "log p_student(x_t) on the sampled tokens, trained as a policy gradient (needs only the "
+                       "teacher's log-prob of each sampled token).", ("divergence", "sampled_token"))
+    discount: float = option(0.0, "sampled_token: the advantage of token t adds the later tokens' log-ratios "
+                             "discounted by this factor per step (0: each token's own; 1: the sequence-level "
+                             "reverse KL's gradient).", ge=0, le=1)
+    backend: str = option("hf", "Who generates: hf = the model's own `generate` (transformers), batched, on the "
+                          "training device.", ("hf",))
+    stop_at_turn_end: bool = option(True, "Also end an answer at the chat template's end-of-turn token (<|im_end|>, "
+                                    "<|eot_id|>, ...) when it differs from EOS.")
+
+
 def default_objectives() -> dict[str, ObjectiveConfig]:
     """ce 0.5 + kd (forward KL) 0.5: what a run without an `objectives` section trains."""
     return {"ce": CrossEntropyConfig(type="ce", weight=0.5), "kd": LogitKDConfig(type="kd", weight=0.5)}
@@ -162,6 +195,8 @@ class RunConfig(Checked):
         help="Loss terms, name -> settings; total = sum(weight * term). Default: ce 0.5 + kd (forward_kl) 0.5.",
         factory=default_objectives)
     lora: LoraConfig = option(help="LoRA on the student.", factory=LoraConfig)
+    on_policy: OnPolicyConfig | None = option(None, "On-policy distillation: the student generates, the teacher "
+                                              "scores (absent: off-policy training on the dataset's text).")
     embedding: EmbeddingConfig = option(help="task: embedding: pooling and text length.", factory=EmbeddingConfig)
     stepbystep: StepByStepConfig = option(help="Distilling step-by-step data and evaluation.",
                                           factory=StepByStepConfig)

@@ -40,6 +40,8 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
             raise ConfigError(f"{source}: cache.logprob_bits must be in 4..16")
         if cfg.cache.temperature <= 0:
             raise ConfigError(f"{source}: cache.temperature must be > 0")
+    if cfg.on_policy is not None:
+        _check_on_policy(cfg, source, lines or {})
     chunk = cfg.chunked_loss.chunk_size
     if chunk != "auto" and (isinstance(chunk, str) or chunk < 1):
         raise ConfigError(f"{source}: chunked_loss.chunk_size must be an integer >= 1 or 'auto', got {chunk!r}")
@@ -79,3 +81,40 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
                 f"to equal cache.temperature ({cfg.cache.temperature}): the teacher's mass outside the top k is "
                 "only known at the capture temperature. Capture at the training temperature, or use "
                 "missing: renormalize")
+
+
+def _check_on_policy(cfg: RunConfig, source: str, lines: dict) -> None:
+    """on_policy against the rest of the run: the objectives must score samples, the teacher must be live."""
+    def place(*key):
+        line = lines.get(key)
+        return f"{source}:{line}" if line else source
+
+    if cfg.task != "lm" or cfg.stepbystep.dataset:
+        raise ConfigError(f"{place('on_policy')}: on_policy: on-policy distillation trains language models on "
+                          "their own answers (task lm, not embedding or step-by-step runs)")
+    if cfg.cache.dir:
+        raise ConfigError(f"{place('cache', 'dir')}: cache.dir: a top-k cache holds the teacher's signal on the "
+                          "dataset's text only, and on_policy trains on answers sampled during training: use a live "
+                          "teacher (teacher.name_or_path) and drop cache.dir")
+    for key, obj in cfg.objectives.items():
+        kind = OBJECTIVES[obj.type]
+        if not kind.scores_samples:
+            why = ("it would train the student to repeat its own samples" if obj.type == "ce" else
+                   "it compares the models on the dataset's text, not on sampled answers")
+            raise ConfigError(f"{place('objectives', key)}: objectives.{key} ({obj.type}) cannot score sampled "
+                              f"answers ({why}); with on_policy the objectives must be "
+                              f"{', '.join(k for k, c in OBJECTIVES.items() if c.scores_samples)}")
+        if obj.view:
+            raise ConfigError(f"{place('objectives', key, 'view')}: objectives.{key}.view: on_policy samples "
+                              f"answers for the main token view only, not {obj.view!r}")
+        if cfg.on_policy.mode == "sampled_token" and obj.temperature != 1.0:
+            raise ConfigError(f"{place('objectives', key, 'temperature')}: objectives.{key}.temperature is "
+                              f"{obj.temperature}, but on_policy.mode: sampled_token scores the samples' own "
+                              "log-probabilities (loss temperature 1); set the sampling temperature with "
+                              "on_policy.temperature")
+    op = cfg.on_policy
+    if op.mode == "sampled_token" and (op.temperature != 1.0 or op.top_p != 1.0 or op.top_k is not None):
+        logger.warning("%s: on_policy.mode is sampled_token with sampling temperature %s, top_p %s, top_k %s: the "
+                       "answers are not drawn from the student's own distribution, so the advantage estimates the "
+                       "reverse KL of the distribution they are drawn from, not the student's", place("on_policy"),
+                       op.temperature, op.top_p, op.top_k)

@@ -315,7 +315,7 @@ def chunked_topk_distillation_loss(student_hidden, student_lm_head_weight, teach
 
 def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=None, chunk_size="auto",
                           reduction="mean", num_items=None, student_lm_head_bias=None, vocab_size=None,
-                          ignore_index=-100, metrics=None):
+                          ignore_index=-100, metrics=None, row_weights=None):
     """Cross-entropy of the student's lm_head distribution against integer targets, without (N, V) tensors.
 
     Equal (value and gradients for hidden, weight and bias) to::
@@ -327,7 +327,9 @@ def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=
     of counted rows, or ``num_items`` when given ("sum": no division). ``targets``: integer tensor of the hidden
     states' leading shape; counted targets must lie in [0, vocab_size) (``ValueError`` otherwise).
     ``vocab_size`` defaults to ``W.shape[0]``. ``metrics``: optional dict, receives ``"accuracy"``: the number of
-    counted rows whose argmax equals the target (a count, see the module docstring).
+    counted rows whose argmax equals the target (a count, see the module docstring). ``row_weights``: optional
+    constants of the hidden states' leading shape; each counted row's cross-entropy is multiplied by its weight
+    (the sampled-token policy gradient of :mod:`kdistill.losses.policy` weighs rows by their advantage).
     """
     _check_common(reduction, chunk_size, "chunked_cross_entropy")
     vocab_size = _check_student(student_hidden, student_lm_head_weight, student_lm_head_bias, mask, vocab_size)
@@ -344,6 +346,12 @@ def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=
         counted = counted & mask.reshape(-1).to(device=device, dtype=torch.bool)
     h_s = select_rows(student_hidden, counted)
     tgt = tgt[counted]
+    weights = None
+    if row_weights is not None:
+        if row_weights.shape != leading:
+            raise ValueError(f"row_weights shape {tuple(row_weights.shape)} must equal the hidden states' leading "
+                             f"shape {tuple(leading)}")
+        weights = row_weights.detach().reshape(-1).to(device)[counted]
     if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= vocab_size):
         raise ValueError(f"targets of counted positions must lie in [0, {vocab_size}) (vocab_size)")
 
@@ -355,7 +363,9 @@ def chunked_cross_entropy(student_hidden, student_lm_head_weight, targets, mask=
         if metrics is not None:
             with torch.no_grad():
                 correct.add_((logits_s.detach().argmax(-1) == t).sum().to(dtype))
-        return F.cross_entropy(logits_s, t, reduction="sum")
+        if weights is None:
+            return F.cross_entropy(logits_s, t, reduction="sum")
+        return (F.cross_entropy(logits_s, t, reduction="none") * weights[start:stop].to(logits_s.dtype)).sum()
 
     loss = _run(h_s, student_lm_head_weight, student_lm_head_bias, vocab_size, chunk_loss, chunk_size, reduction,
                 num_items, "cross_entropy")

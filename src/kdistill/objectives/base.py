@@ -84,7 +84,8 @@ class Objective(torch.nn.Module):
     `task` ("lm": token views; "embedding": text fields of an embedding run), `teacher_needs` (what it asks the
     teacher source: "tokens", "hidden_states", "attentions", "embeddings"), `model_outputs` (extra outputs the
     models must return: "hidden_states", "attentions") and `reads_logits` (next-token logits: the chunked path
-    changes how it computes), `uses_text_fields` and `requires_eager_attention` (what the LM recipe must prepare).
+    changes how it computes), `uses_text_fields` and `requires_eager_attention` (what the LM recipe must prepare),
+    and `scores_samples` (it can train on text sampled during the step: on-policy distillation).
 
     An objective is a Module so that objectives with trainable parts (a projection between student and teacher
     widths) are trained, synchronised across processes and checkpointed with the student. `setup(student,
@@ -99,6 +100,7 @@ class Objective(torch.nn.Module):
     reads_logits: ClassVar[bool] = False
     uses_text_fields: ClassVar[bool] = False         # an LM run must also encode the rows' triplet text fields
     requires_eager_attention: ClassVar[bool] = False  # both models must be loaded with eager attention
+    scores_samples: ClassVar[bool] = False  # it can train on samples generated during the step (on_policy)
 
     def __init__(self, name: str, cfg) -> None:
         super().__init__()

@@ -9,6 +9,9 @@ import torch
 from kdistill.fields import FieldError, option
 from kdistill.losses import (DIVERGENCE_PARAMS, DIVERGENCES, chunked_distillation_loss,
                              chunked_topk_distillation_loss, get_divergence, topk_divergence)
+from kdistill.losses.chunked import chunked_cross_entropy
+from kdistill.losses.policy import (chunked_target_logprobs, discounted_advantages, sampled_token_loss,
+                                    target_logprobs, with_estimate_value)
 from kdistill.objectives.base import Objective, TokenObjectiveConfig, as_float
 from kdistill.teachers.base import DenseLogits, HiddenAndHead, TopKRows
 
@@ -46,12 +49,19 @@ class LogitKD(Objective):
     Dispatch on what the teacher source gives (`kdistill.teachers.base`): dense logits, hidden states with the
     output layer (the chunked losses, no (tokens x V) tensor) or top-k rows (`kdistill.losses.topk_divergence`,
     with the `missing` rule for the mass outside the k ids). Metric: top-1 agreement of student and teacher.
+
+    On answers the student sampled in the step (on-policy distillation, `batch.sampled_by == "student"`), mode
+    "divergence" computes the same divergence at every sampled position (GKD), and mode "sampled_token" the
+    policy-gradient loss of `kdistill.losses.policy` (needs only the teacher's log-prob of each sampled token).
+    Both then also report `student_samples_divergence` (the loss) and `teacher_nll` (the teacher's mean
+    -log P_t(x_t) over the sampled tokens).
     """
 
     type = "kd"
     Config = LogitKDConfig
     teacher_needs = frozenset({"tokens"})
     reads_logits = True
+    scores_samples = True
 
     def __init__(self, name, cfg):
         super().__init__(name, cfg)
@@ -61,6 +71,16 @@ class LogitKD(Objective):
     def forward(self, batch):
         view = batch.view(self.cfg.view)
         signal = view.teacher_tokens()
+        if batch.sampled_by != "student":
+            return self._divergence(batch, view, signal)
+        if batch.policy is not None and batch.policy.mode == "sampled_token":
+            return self._sampled_token(batch, view, signal)
+        loss, metrics = self._divergence(batch, view, signal)
+        nll = -self._teacher_logprobs(batch, view, signal).masked_fill(~view.mask, 0.0).sum()
+        return loss, {**metrics, "student_samples_divergence": loss.detach(),
+                      "teacher_nll": nll / as_float(view.num_items, nll)}
+
+    def _divergence(self, batch, view, signal):
         if isinstance(signal, TopKRows):
             return self._from_topk(batch, view, signal)
         if isinstance(signal, HiddenAndHead):
@@ -109,3 +129,41 @@ class LogitKD(Objective):
                 best = teacher.indices.gather(-1, teacher.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
                 agree = (student.argmax(-1) == best).sum().float()
         return loss, {"top1_agreement": agree / as_float(view.num_items, agree)}
+
+    # --------------------------------------------------------------------------------- sampled-token mode
+    def _teacher_logprobs(self, batch, view, signal) -> torch.Tensor:
+        """(B, T) the teacher's log-prob of each position's target (0 where not trained); no gradient."""
+        targets = view.targets
+        if isinstance(signal, DenseLogits):
+            vocab = batch.kd_vocab or signal.logits.shape[-1]
+            return target_logprobs(signal.logits[..., :vocab].detach(), targets)
+        if isinstance(signal, HiddenAndHead):
+            head = signal.head
+            vocab = batch.kd_vocab or head.weight.shape[0]
+            return chunked_target_logprobs(signal.hidden, head.weight, targets, head.bias, vocab,
+                                           view.chunk_size).masked_fill(targets < 0, 0.0)
+        raise TypeError(f"objectives.{self.name}: on-policy samples need the teacher's log-probs of the sampled "
+                        f"tokens, which a {type(signal).__name__} signal does not give")
+
+    def _sampled_token(self, batch, view, signal):
+        mask, targets = view.mask, view.targets
+        teacher = self._teacher_logprobs(batch, view, signal)
+        discount = batch.policy.discount
+        if view.chunked:
+            head = view.student_head
+            vocab = batch.kd_vocab or head.weight.shape[0]
+            student = chunked_target_logprobs(view.student_hidden.detach(), head.weight.detach(), targets,
+                                              None if head.bias is None else head.bias.detach(), vocab,
+                                              view.chunk_size).masked_fill(~mask, 0.0)
+            advantage = discounted_advantages(student, teacher, mask, discount)
+            # sum_t A_t * (-log P_s(x_t)) = -sum_t A_t log P_s(x_t): the policy-gradient loss, chunked
+            surrogate = chunked_cross_entropy(view.student_hidden, head.weight, targets, mask=mask,
+                                              chunk_size=view.chunk_size, reduction="sum",
+                                              student_lm_head_bias=head.bias, vocab_size=vocab, row_weights=advantage)
+            loss = with_estimate_value(surrogate, student, teacher, mask, view.num_items)
+        else:
+            logits = view.student_logits
+            student = target_logprobs(logits[..., :batch.kd_vocab or logits.shape[-1]], targets)
+            loss = sampled_token_loss(student, teacher, mask, discount, view.num_items)
+        nll = -teacher.masked_fill(~mask, 0.0).sum()
+        return loss, {"student_samples_divergence": loss.detach(), "teacher_nll": nll / as_float(view.num_items, nll)}

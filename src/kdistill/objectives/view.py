@@ -110,8 +110,10 @@ class StepBatch:
 
     def __init__(self, batch: Batch, counts: Counts, *, student_forward: Callable | None = None,
                  embed: Callable | None = None, teacher: TeacherSource | None = None, encoder_decoder: bool = False,
-                 kd_vocab: int | None = None, chunk_size: int | str | None = None):
+                 kd_vocab: int | None = None, chunk_size: int | str | None = None, policy=None):
         self.batch = batch
+        # on-policy settings (`kdistill.config.OnPolicyConfig`: mode, discount) when the run samples answers
+        self.policy = policy
         self.counts = counts
         self.kd_vocab = kd_vocab  # leading vocabulary entries shared by teacher and student
         self.chunk_size = chunk_size
@@ -123,12 +125,17 @@ class StepBatch:
         self._embeddings: dict[str, torch.Tensor] = {}
 
     @property
+    def sampled_by(self) -> str | None:
+        """None: the main view is dataset text; "student" / "teacher": answers sampled in this step."""
+        return self.batch.sampled_by
+
+    @property
     def num_examples(self):
         return self.counts.examples
 
     def view(self, name: str = "") -> LMView:
         if name not in self._views:
-            tokens = self.batch.views.get(name) or self.batch.samples.get(name)
+            tokens = self.batch.views.get(name)
             if tokens is None:
                 raise RuntimeError(f"this batch has no token view {name!r}")
             self._views[name] = LMView(name, tokens, self.batch, self.counts.tokens[name], self._student_forward,

@@ -62,6 +62,7 @@ class Parts:
     teacher_model: Any = None
     kd_vocab: int | None = None
     chunking: dict | None = None
+    on_policy: Any = None  # kdistill.onpolicy.OnPolicy when the run samples answers
 
 
 def data_key(cfg: RunConfig, source: str) -> str:

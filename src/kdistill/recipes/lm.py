@@ -18,9 +18,11 @@ from kdistill.data import (LM_FORMATS, DataCollatorForDistillation, DataValidati
                            EncodeStats, encode_examples, load_examples, tokenize_texts)
 from kdistill.data.answer_stats import answer_stats, example_response, format_stats
 from kdistill.data.collators import TextFieldCollator
+from kdistill.data.prompt_rows import encode_for_sampling, has_response
 from kdistill.models import (apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model,
                              load_tokenizer, save_student, shrink)
 from kdistill.objectives import OBJECTIVES, build_objectives
+from kdistill.onpolicy import OnPolicy, stop_ids_for
 from kdistill.paths import check_output_dir
 from kdistill.recipes.base import DataReport, ListDataset, Parts, Recipe, data_key
 from kdistill.teachers.cache_writer import warn_if_short_of_space, write_split
@@ -32,6 +34,10 @@ __all__ = ["LMRecipe", "build_cache", "load_split"]
 
 logger = logging.getLogger(__name__)
 
+# what a row without its response is told (kdistill.data.validation), to add that on_policy would take it
+_PROMPT_ONLY_HINTS = ("missing required field 'output'", "missing required field 'completion'",
+                      "messages has no assistant message", "last message must be from the assistant, found role 'user'")
+
 
 def _objective_classes(cfg: RunConfig):
     return [OBJECTIVES[o.type] for o in cfg.objectives.values()]
@@ -39,17 +45,33 @@ def _objective_classes(cfg: RunConfig):
 
 def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
     """Validate and encode one LM data file per the config: (ListDataset, DataReport)."""
-    loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
-                           limit=limit, option=data_key(cfg, source), subset=cfg.data.subset)
+    sampling = cfg.on_policy is not None
+    try:
+        loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
+                               limit=limit, option=data_key(cfg, source), subset=cfg.data.subset,
+                               require_response=not sampling)
+    except DataValidationError as exc:
+        if sampling or not any(hint in e for e in exc.errors for hint in _PROMPT_ONLY_HINTS):
+            raise
+        raise DataValidationError([*exc.errors, "rows without a response (prompt-only) train only with on_policy: "
+                                   "the student answers them during training"]) from None
     wrong = [ex for ex in loaded.examples if ex.kind not in LM_FORMATS]
     if wrong:
         raise DataValidationError([f"{wrong[0].source}: a {wrong[0].kind} row cannot train a language model "
                                    f"({len(wrong)} such row(s)); LM runs need alpaca, prompt/completion or messages "
                                    f"rows (embedding rows go with task: embedding)"])
-    _warn_if_degenerate(source, loaded.examples)
+    _warn_if_degenerate(source, [ex for ex in loaded.examples if not sampling or has_response(ex)])
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
-    if any(c.uses_text_fields for c in _objective_classes(cfg)):
+    if sampling:
+        rows, stats, prompt_only = encode_for_sampling(loaded.examples, tokenizer, **encode)
+        if prompt_only and cfg.on_policy.lmbda < 1 and not cfg.on_policy.seq_kd:
+            raise DataValidationError([f"{prompt_only[0]}: no response to train the off-policy steps on "
+                                       f"(on_policy.lmbda is {cfg.on_policy.lmbda}, so {1 - cfg.on_policy.lmbda:.0%} "
+                                       f"of the steps train on the dataset's responses; {len(prompt_only)} row(s) "
+                                       "have none): give responses, set on_policy.seq_kd: true (the teacher "
+                                       "answers) or on_policy.lmbda: 1"])
+    elif any(c.uses_text_fields for c in _objective_classes(cfg)):
         rows, stats = _encode_with_triplets(cfg, loaded.examples, tokenizer, source, split, encode)
     else:
         rows, stats = encode_examples(loaded.examples, tokenizer, **encode)
@@ -59,8 +81,9 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         logger.warning("%s: skipped %d invalid row(s) (data.skip_invalid=true); first: %s", source,
                        len(loaded.skipped), loaded.skipped[0])
     if stats.dropped_no_target:
-        logger.warning("%s: dropped %d row(s) whose response was cut away entirely by max_length=%d", source,
-                       stats.dropped_no_target, cfg.data.max_length)
+        logger.warning("%s: dropped %d row(s) whose %s cut away entirely by max_length=%d", source,
+                       stats.dropped_no_target, "prompt does not fit or response was" if sampling else "response was",
+                       cfg.data.max_length)
     if not rows:
         raise DataValidationError([f"{source}: no usable example is left: {len(loaded.examples)} valid row(s), "
                                    f"{stats.dropped_no_target} of them with no response token left after "
@@ -187,9 +210,16 @@ class LMRecipe(Recipe):
         objectives = build_objectives(cfg.objectives)
         for objective, _ in objectives.values():
             objective.setup(student, teacher)
+        on_policy = None
+        if cfg.on_policy is not None:
+            on_policy = OnPolicy(cfg.on_policy, seed=cfg.seed, encoder_decoder=encoder_decoder, vocab_limit=kd_vocab,
+                                 stop_ids=stop_ids_for(tokenizer, student, cfg.on_policy.stop_at_turn_end),
+                                 pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                 else tokenizer.eos_token_id)
         return Parts(tokenizer=tokenizer, student=student, objectives=objectives, train_dataset=train_ds,
                      eval_dataset=eval_ds, collator=collator, reports=reports, rows=rows, teacher=source,
-                     teacher_model=teacher, kd_vocab=kd_vocab, chunking=dataclasses.asdict(cfg.chunked_loss))
+                     teacher_model=teacher, kd_vocab=kd_vocab, chunking=dataclasses.asdict(cfg.chunked_loss),
+                     on_policy=on_policy)
 
     def save(self, cfg: RunConfig, parts: Parts, model, output_dir: str) -> None:
         with without_objective_parts(model):  # projections of objectives are not part of the student
