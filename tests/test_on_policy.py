@@ -283,6 +283,26 @@ def test_sampling_keeps_to_top_k_and_the_vocabulary_limit(tiny_causal):
     assert int(limited.max()) < 50
 
 
+def test_lora_student_samples_through_its_adapter(tiny_causal, alpaca_small, tmp_path):
+    prepared = _prepared(tiny_causal, alpaca_small, tmp_path, lora={"enabled": True, "r": 4, "alpha": 8})
+    batch, logged = _sampled(prepared)
+    assert logged["on_policy/student_answer_length"] > 0
+    model = prepared.student
+    prepared.trainer.compute_loss(model, batch).backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("lora_" in n for n in trained)
+
+
+def test_coin_flip_is_a_function_of_seed_and_step(tiny_causal, alpaca_small, tmp_path):
+    prepared = _prepared(tiny_causal, alpaca_small, tmp_path, on_policy={"lmbda": 0.3})
+    policy = prepared.trainer.on_policy
+    flips = [policy.is_on_policy(s) for s in range(400)]
+    assert flips == [policy.is_on_policy(s) for s in range(400)]
+    assert 0.22 < sum(flips) / 400 < 0.38
+    assert policy.fraction(400) == pytest.approx(sum(flips) / 400)
+    assert policy.fraction(100) == pytest.approx(sum(flips[:100]) / 100)
+
+
 # ------------------------------------------------------------------------------------------- equivalences
 def _losses(summary):
     return [(h["loss"], h.get("loss/kd")) for h in summary["log_history"] if "loss" in h]
