@@ -438,3 +438,42 @@ def test_cli_run_on_prompt_only_data_moves_the_student_toward_the_teacher(tiny_c
     assert after < 0.8 * before, (before, after)
     logs = json.loads((tmp_path / "out" / "kdistill_summary.json").read_text())["log_history"]
     assert all("kd/teacher_nll" in h and "on_policy/student_answer_length" in h for h in logs if "loss" in h)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_an_interrupted_on_policy_run_resumes_to_the_uninterrupted_result(tiny_causal, alpaca_small, tmp_path):
+    """The coin flips and every answer's seed are functions of the step: a resumed run samples what the
+    uninterrupted one did, and ends with the same student."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class CrashAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Crash
+
+    def cfg(out):
+        raw = run_config(tiny_causal["teacher"], tiny_causal["student"], alpaca_small, out, max_steps=6,
+                         save_strategy="steps", save_steps=2, seed=0)
+        raw["on_policy"] = {"lmbda": 0.9, "max_new_tokens": 8}  # seed 42: steps 0-1 off-policy, 2-5 on
+        raw["objectives"] = {"kd": {"divergence": "reverse_kl"}}
+        return config_from_dict(raw)
+
+    straight = run_training(cfg(tmp_path / "straight"), resume=False)
+    with pytest.raises(_Crash):
+        run_training(cfg(tmp_path / "killed"), callbacks=[CrashAt()], resume=False)
+    resumed = run_training(cfg(tmp_path / "killed"))
+    assert resumed["resumed_from"].endswith("checkpoint-2")
+    flips = {h["step"]: h["on_policy/fraction"] for h in straight["log_history"] if "loss" in h}
+    assert 0 < flips[6] < 1  # both kinds of step happened
+    after = {h["step"]: h["loss"] for h in resumed["log_history"] if "loss" in h}
+    for step in (3, 4, 5, 6):
+        expected = next(h["loss"] for h in straight["log_history"] if h.get("step") == step and "loss" in h)
+        assert after[step] == pytest.approx(expected, rel=1e-4)
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
