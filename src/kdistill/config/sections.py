@@ -24,7 +24,8 @@ from kdistill.objectives.ce import CrossEntropyConfig
 from kdistill.objectives.kd import LogitKDConfig
 
 __all__ = ["CONFIG_FILENAME", "CacheConfig", "ChunkedLossConfig", "DataConfig", "EmbeddingConfig", "LoraConfig",
-           "ModelConfig", "OnPolicyConfig", "RunConfig", "StepByStepConfig", "default_objectives"]
+           "ModelConfig", "OnPolicyConfig", "RunConfig", "ServerConfig", "StepByStepConfig", "TeacherConfig",
+           "default_objectives"]
 
 CONFIG_FILENAME = "kdistill_config.yaml"
 
@@ -44,6 +45,33 @@ class ModelConfig(Checked):
     attn_implementation: str | None = option(None, "e.g. sdpa, eager, flash_attention_2; default: transformers' choice.")
     layers: list[int] | None = option(None, "Keep only these layer indices after loading (shrink a teacher into a "
                                       "student), e.g. [0, 2, 4] of 6. T5: encoder and decoder blocks.")
+
+
+@dataclass
+class ServerConfig(Checked):
+    """A teacher behind an OpenAI-compatible completions endpoint that returns the top-k log-probs of given token
+    ids (vLLM's `prompt_logprobs`; `kdistill serve-teacher`). Token ids are sent, never re-tokenised text."""
+
+    url: str | None = option(None, "Base URL of the API, e.g. http://127.0.0.1:8000/v1.")
+    model: str | None = option(None, "The served model's name (what /v1/models lists).")
+    top_k: int = option(20, "Log-probs per position to request (vLLM caps them with --max-logprobs, default 20).",
+                        ge=1)
+    api: str = option("vllm", "Response shape: vllm = choices[i].prompt_logprobs.", ("vllm",))
+    batch_size: int = option(8, "Sequences per request.", ge=1)
+    max_concurrency: int = option(4, "Requests in flight at once.", ge=1)
+    timeout: float = option(120.0, "Seconds per request before it is retried.", gt=0)
+    max_retries: int = option(5, "Retries of a request (connection errors, timeouts, 429, 5xx) before the run stops; "
+                              "its checkpoints stay and it resumes when restarted.", ge=0)
+    api_key_env: str | None = option(None, "Environment variable holding the API key (sent as a bearer token; "
+                                     "never written anywhere), e.g. VLLM_API_KEY; none by default.")
+
+
+@dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model to load, or (with `server`) a model served over HTTP."""
+
+    server: ServerConfig | None = option(None, "Query a served teacher instead of loading one: {url, model, top_k}. "
+                                         "name_or_path/tokenizer may still name the teacher for records.")
 
 
 @dataclass
@@ -188,8 +216,8 @@ class RunConfig(Checked):
     task: str = option("lm", "lm: language modelling objectives on token labels (ce, kd); embedding: one vector per "
                        "text (contrastive, embedding_kd).", ("lm", "embedding"))
     student: ModelConfig = option(help="The model that is trained.", factory=ModelConfig)
-    teacher: ModelConfig = option(help="The model that provides the signal; leave name_or_path empty for no teacher.",
-                                  factory=ModelConfig)
+    teacher: TeacherConfig = option(help="The model that provides the signal; leave name_or_path (and server) "
+                                    "empty for no teacher.", factory=TeacherConfig)
     data: DataConfig = option(help="Training (and eval) data.", factory=DataConfig)
     objectives: dict[str, ObjectiveConfig] = option(
         help="Loss terms, name -> settings; total = sum(weight * term). Default: ce 0.5 + kd (forward_kl) 0.5.",

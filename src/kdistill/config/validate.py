@@ -40,6 +40,8 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
             raise ConfigError(f"{source}: cache.logprob_bits must be in 4..16")
         if cfg.cache.temperature <= 0:
             raise ConfigError(f"{source}: cache.temperature must be > 0")
+    if cfg.teacher.server is not None:
+        _check_server(cfg, source, lines or {})
     if cfg.on_policy is not None:
         _check_on_policy(cfg, source, lines or {})
     chunk = cfg.chunked_loss.chunk_size
@@ -64,13 +66,27 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}) is an {kind.task!r} objective but task is "
                           f"{cfg.task!r}")
     cached = bool(cfg.cache.dir)
-    served_by_cache = kind.teacher_needs <= {"tokens"}  # what a top-k cache gives
-    if kind.needs_teacher() and not cfg.teacher.name_or_path and not (cached and served_by_cache):
+    served = cfg.teacher.server is not None
+    served_by_cache = kind.teacher_needs <= {"tokens"}  # what a top-k cache (or a served teacher) gives
+    if served and not cached and kind.needs_teacher() and not served_by_cache:
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model's "
+                          f"{', '.join(sorted(kind.teacher_needs - {'tokens'}))}, but teacher.server gives top-k "
+                          "log-probs only (kd)")
+    if kind.needs_teacher() and not cfg.teacher.name_or_path and not ((cached or served) and served_by_cache):
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a teacher; set teacher.name_or_path"
-                          + (" or cache.dir" if served_by_cache else "") + " or remove the objective")
+                          + (", teacher.server or cache.dir" if served_by_cache else "") + " or remove the objective")
     if cached and kind.needs_teacher() and not served_by_cache:
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model, but cache.dir is "
                           "set and a cached run loads none (the cache serves token distributions only: kd)")
+    if served and not cached and kind.needs_teacher():
+        if obj.view:
+            raise ConfigError(f"{source}: objectives.{key}: a served teacher scores the main token view only, "
+                              f"not view {obj.view!r}")
+        if obj.missing == "bucket" and obj.temperature != 1.0:
+            raise ConfigError(f"{source}: objectives.{key}: missing: bucket needs the loss temperature "
+                              f"({obj.temperature}) to be 1: a served teacher's log-probs are requested at "
+                              "temperature 1 (the mass outside its top k is known only there); use missing: "
+                              "renormalize to train at another temperature")
     if cached and kind.needs_teacher():
         if obj.view:
             raise ConfigError(f"{source}: objectives.{key}: a top-k cache covers the main token view only, "
@@ -118,3 +134,21 @@ def _check_on_policy(cfg: RunConfig, source: str, lines: dict) -> None:
                        "answers are not drawn from the student's own distribution, so the advantage estimates the "
                        "reverse KL of the distribution they are drawn from, not the student's", place("on_policy"),
                        op.temperature, op.top_p, op.top_k)
+
+
+def _check_server(cfg: RunConfig, source: str, lines: dict) -> None:
+    """teacher.server: where it is, what it serves, and the runs it can serve."""
+    server = cfg.teacher.server
+    for key in ("url", "model"):
+        if not getattr(server, key):
+            line = lines.get(("teacher", "server"))
+            raise ConfigError(f"{source}:{line}: teacher.server.{key} is required" if line else
+                              f"{source}: teacher.server.{key} is required")
+    if not server.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: teacher.server.url: expected http(s)://HOST:PORT/v1, got {server.url!r}")
+    if cfg.task != "lm" or cfg.stepbystep.dataset:
+        raise ConfigError(f"{source}: teacher.server: a served teacher gives token log-probs for task lm (not "
+                          "embedding or step-by-step runs)")
+    if cfg.on_policy is not None and cfg.on_policy.seq_kd:
+        raise ConfigError(f"{source}: on_policy.seq_kd: the teacher would generate the answers, but a served "
+                          "teacher only scores them here; drop seq_kd or load the teacher (teacher.name_or_path)")

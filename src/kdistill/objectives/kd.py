@@ -142,6 +142,19 @@ class LogitKD(Objective):
             vocab = batch.kd_vocab or head.weight.shape[0]
             return chunked_target_logprobs(signal.hidden, head.weight, targets, head.bias, vocab,
                                            view.chunk_size).masked_fill(targets < 0, 0.0)
+        if isinstance(signal, TopKRows):
+            mask = view.mask
+            if signal.target_logprobs is not None:
+                found = signal.target_logprobs.to(signal.teacher.logprobs.dtype)
+            else:  # the target among the stored k ids
+                hit = signal.teacher.indices.eq(targets[mask].unsqueeze(-1))
+                if not bool(hit.any(-1).all()):
+                    raise TypeError(f"objectives.{self.name}: a sampled token is not among the teacher's top "
+                                    f"{hit.shape[-1]} ids, and this teacher source gives no log-prob for it")
+                found = (signal.teacher.logprobs * hit).sum(-1)
+            out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+            out[mask] = found.float().to(targets.device)
+            return out
         raise TypeError(f"objectives.{self.name}: on-policy samples need the teacher's log-probs of the sampled "
                         f"tokens, which a {type(signal).__name__} signal does not give")
 

@@ -27,6 +27,7 @@ from kdistill.paths import check_output_dir
 from kdistill.recipes.base import DataReport, ListDataset, Parts, Recipe, data_key
 from kdistill.teachers.cache_writer import warn_if_short_of_space, write_split
 from kdistill.teachers.live import LiveTeacher
+from kdistill.teachers.served import ServedTopK, TeacherServer
 from kdistill.teachers.topk_cache import CachedTeacherDataset, CachedTopK, TopKCollator, open_cache
 from kdistill.trainer import without_objective_parts
 
@@ -171,7 +172,8 @@ class LMRecipe(Recipe):
     def build(self, cfg: RunConfig) -> Parts:
         tokenizer = load_tokenizer(cfg.student, "student.name_or_path")
         cached = bool(cfg.cache.dir)  # teacher signals come from a top-k cache: no teacher model is loaded
-        has_teacher = bool(cfg.teacher.name_or_path) and not cached
+        served = cfg.teacher.server is not None and not cached  # ... or from a server: none is loaded either
+        has_teacher = bool(cfg.teacher.name_or_path) and not cached and not served
         if has_teacher and not any(c.teacher_needs for c in _objective_classes(cfg)):
             logger.info("teacher %s not loaded: no objective reads it (%s)", cfg.teacher.name_or_path,
                         ", ".join(cfg.objectives))
@@ -191,6 +193,13 @@ class LMRecipe(Recipe):
             reports.append(eval_report)
         collator = self.collator(cfg, tokenizer)
         source = None
+        if served and any(c.teacher_needs for c in _objective_classes(cfg)):
+            if encoder_decoder:
+                raise ConfigError("teacher.server: a served teacher scores causal LMs (vLLM's prompt_logprobs); "
+                                  f"{cfg.student.name_or_path} is an encoder-decoder: load the teacher instead")
+            server = TeacherServer(cfg.teacher.server, vocab=len(tokenizer))
+            server.check(tokenizer)  # before any model loads: reachable, the model, k, the vocabulary
+            source = ServedTopK(server)
         if cached:  # checked against the data and tokenizer before any model is loaded
             train_ds = CachedTeacherDataset(train_ds, open_cache(cfg, "train", train_ds, tokenizer, encoder_decoder))
             if eval_ds is not None:
@@ -233,22 +242,38 @@ def build_cache(cfg: RunConfig, progress: bool = True) -> dict[str, dict]:
     complete one is checked and left as it is."""
     if not cfg.cache.dir:
         raise ConfigError("cache.dir is not set: where should the cache be written?")
-    if not cfg.teacher.name_or_path:
-        raise ConfigError("teacher.name_or_path is required to write a cache")
+    served = cfg.teacher.server is not None
+    if not cfg.teacher.name_or_path and not served:
+        raise ConfigError("teacher.name_or_path (or teacher.server) is required to write a cache")
+    if served and cfg.cache.temperature != 1.0:
+        raise ConfigError(f"cache.temperature is {cfg.cache.temperature}, but a served teacher's log-probs are "
+                          "requested at temperature 1 (its top k cannot be re-tempered exactly): cache at 1 and train "
+                          "with missing: renormalize for another loss temperature")
     check_output_dir(cfg.cache.dir, "cache.dir")
     tokenizer = load_tokenizer(cfg.student, "student.name_or_path")
-    compare_tokenizers(load_tokenizer(cfg.teacher, "teacher.name_or_path"), tokenizer)
-    encoder_decoder = is_encoder_decoder(cfg.teacher.name_or_path, "teacher.name_or_path",
-                                         trust_remote_code=cfg.teacher.trust_remote_code)
+    if served:
+        encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, "student.name_or_path",
+                                             trust_remote_code=cfg.student.trust_remote_code)
+        if encoder_decoder:
+            raise ConfigError("teacher.server: a served teacher scores causal LMs only")
+    else:
+        compare_tokenizers(load_tokenizer(cfg.teacher, "teacher.name_or_path"), tokenizer)
+        encoder_decoder = is_encoder_decoder(cfg.teacher.name_or_path, "teacher.name_or_path",
+                                             trust_remote_code=cfg.teacher.trust_remote_code)
     splits = [("train", cfg.data.train, cfg.data.split, cfg.data.limit)]
     if cfg.data.eval:
         splits.append(("eval", cfg.data.eval, cfg.data.eval_split, cfg.data.eval_limit))
     datasets = {name: load_split(cfg, tokenizer, source, split, limit, encoder_decoder)[0]
                 for name, source, split, limit in splits}
     warn_if_short_of_space(cfg, datasets)
-    teacher = load_model(cfg.teacher, role="teacher")
-    if getattr(teacher, "hf_device_map", None) is None:  # write_split's LiveTeacher freezes it where it is
-        teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-    vocab = kd_vocab_size(tokenizer, teacher, None)
+    if served:
+        vocab = kd_vocab_size(tokenizer, None, None)
+        teacher = TeacherServer(cfg.teacher.server, vocab=vocab, k=min(cfg.cache.k, vocab))
+        teacher.check(tokenizer)
+    else:
+        teacher = load_model(cfg.teacher, role="teacher")
+        if getattr(teacher, "hf_device_map", None) is None:  # write_split's LiveTeacher freezes it where it is
+            teacher.to("cuda" if torch.cuda.is_available() else "cpu")
+        vocab = kd_vocab_size(tokenizer, teacher, None)
     return {name: write_split(cfg, teacher, tokenizer, datasets[name], name, source, encoder_decoder, vocab, progress)
             for name, source, _, _ in splits}

@@ -14,7 +14,7 @@ field; objectives ask for what they need and dispatch on the type of what they g
 `provides` lists which of "tokens", "hidden_states", "attentions", "embeddings" a source can answer; the trainer
 checks before training that every objective's `teacher_needs` is covered, so a mismatch (a top-k cache asked for
 hidden states) is an error naming both, not a crash mid-run. Sources today: a live model (`live.py`), the top-k
-cache (`topk_cache.py`), precomputed embeddings (`embeddings.py`). A new source is one file with a subclass.
+cache (`topk_cache.py`), a served teacher (`served.py`), precomputed embeddings (`embeddings.py`). A new source is one file with a subclass.
 """
 
 from __future__ import annotations
@@ -52,9 +52,12 @@ class HiddenAndHead:
 
 @dataclass
 class TopKRows:
-    """The teacher's top-k at each trained position: (N, k) rows in the row-major order of `TeacherQuery.mask`."""
+    """The teacher's top-k at each trained position: (N, k) rows in the row-major order of `TeacherQuery.mask`;
+    `target_logprobs` (N,): the teacher's log-prob of each position's actual target, when the source knows it
+    (a served teacher does; on-policy `sampled_token` needs it)."""
 
     teacher: TopKTeacher
+    target_logprobs: torch.Tensor | None = None
 
 
 @dataclass

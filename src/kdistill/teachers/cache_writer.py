@@ -23,6 +23,7 @@ from kdistill.models.heads import chunking_problem, output_layer
 from kdistill.paths import free_bytes
 from kdistill.teachers.base import HiddenAndHead, TeacherQuery
 from kdistill.teachers.live import LiveTeacher
+from kdistill.teachers.served import ServedTopK, TeacherServer
 from kdistill.teachers.topk_cache import (CacheMismatchError, cache_meta, check_examples, example_hash,
                                           trained_tokens)
 from kdistill.teachers.topk_codec import TopKCodec, reconstruction_kl
@@ -47,7 +48,8 @@ def warn_if_short_of_space(cfg, datasets) -> None:
 
 
 def write_split(cfg, teacher, tokenizer, dataset, split, source, encoder_decoder, vocab, progress=True):
-    """Write (or resume, or check if complete) cache.dir/<split> for one encoded dataset; returns its stats."""
+    """Write (or resume, or check if complete) cache.dir/<split> for one encoded dataset; returns its stats.
+    `teacher`: a model, or a `TeacherServer` (its top k are stored as they come; no reconstruction KL)."""
     root = Path(cfg.cache.dir) / split
     rows = dataset.rows
     hashes = [example_hash(r) for r in rows]
@@ -74,10 +76,14 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
     if start:
         logger.info("%s: resuming after %d of %d examples", root, start, len(rows))
 
-    device = output_layer(teacher).weight.device
-    live = LiveTeacher(teacher)  # chunked when it can be: project the trained rows only, a slice at a time
-    live.place(device)
-    live.setup(encoder_decoder=encoder_decoder, chunked=chunking_problem(teacher, encoder_decoder) is None)
+    served = isinstance(teacher, TeacherServer)
+    if served:  # a served teacher answers with the top k itself; the KL to the full distribution is unknown
+        device, live = torch.device("cpu"), ServedTopK(teacher)
+    else:
+        device = output_layer(teacher).weight.device
+        live = LiveTeacher(teacher)  # chunked when it can be: project the trained rows only, a slice at a time
+        live.place(device)
+        live.setup(encoder_decoder=encoder_decoder, chunked=chunking_problem(teacher, encoder_decoder) is None)
     collator = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id)
     temperature = float(cfg.cache.temperature)
     kl_values: list[np.ndarray] = []
@@ -89,10 +95,17 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
         batch = Batch.parse({k: v.to(device) for k, v in collator(chunk_rows).items()})
         query = TeacherQuery("", batch.views[""], batch, encoder_decoder)
         signal = live.tokens(query)
-        head = signal.head if isinstance(signal, HiddenAndHead) else None
-        selected = (signal.hidden if head is not None else signal.logits)[query.mask]  # (N, H) or (N, V')
         ids_parts, lp_parts = [], []
-        step = resolve_chunk_size(cfg.chunked_loss.chunk_size, vocab, selected.shape[-1], selected.dtype, "projection")
+        if served:
+            ids_parts.append(signal.teacher.indices.numpy())
+            lp_parts.append(signal.teacher.logprobs.numpy())
+            selected = signal.teacher.logprobs[:0]
+            step = 1
+        else:
+            head = signal.head if isinstance(signal, HiddenAndHead) else None
+            selected = (signal.hidden if head is not None else signal.logits)[query.mask]  # (N, H) or (N, V')
+            step = resolve_chunk_size(cfg.chunked_loss.chunk_size, vocab, selected.shape[-1], selected.dtype,
+                                      "projection")
         for lo in range(0, selected.shape[0], step):
             rows_ = selected[lo:lo + step]
             if head is not None:

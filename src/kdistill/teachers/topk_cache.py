@@ -95,7 +95,8 @@ def cache_meta(cfg, tokenizer, split: str, source: str, encoder_decoder: bool) -
     data = cfg.data
     return {
         "teacher": {"name_or_path": cfg.teacher.name_or_path, "revision": cfg.teacher.revision,
-                    "dtype": cfg.teacher.dtype},
+                    "dtype": cfg.teacher.dtype,
+                    "server_model": cfg.teacher.server.model if cfg.teacher.server is not None else None},
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "capture_temperature": float(cfg.cache.temperature),
         "split": split,
