@@ -240,6 +240,12 @@ def cmd_judge(args) -> int:
     return run_cli(args)
 
 
+def cmd_serve_teacher(args) -> int:
+    from kdistill.serve.cli import run_cli
+
+    return run_cli(args)
+
+
 def cmd_report(args) -> int:
     from kdistill.report import run_cli
 
@@ -248,7 +254,7 @@ def cmd_report(args) -> int:
 
 COMMANDS = {"train": cmd_train, "tiny": cmd_tiny, "quickstart": cmd_quickstart, "eval": cmd_eval,
             "annotate": cmd_annotate, "generate": cmd_generate, "judge": cmd_judge,
-            "report": cmd_report, "cache": cmd_cache, "compare": cmd_compare}
+            "report": cmd_report, "cache": cmd_cache, "compare": cmd_compare, "serve-teacher": cmd_serve_teacher}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     judge.add_parser(sub)
     report.add_parser(sub)
+    from kdistill.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
     _eval_parser(sub)
     _tiny_parser(sub)
     return parser
