@@ -254,7 +254,7 @@ def test_server_killed_mid_cache_resumes_with_nothing_lost_or_duplicated(tiny_ca
         path.write_text(yaml.safe_dump(raw))
         return path
 
-    with Served(tiny_causal["teacher"]) as server:
+    with Served(tiny_causal["teacher"], "--batch-wait-ms", "40") as server:  # slow enough to be killed mid-way
         assert _run(cache_config("whole", server.url), "cache").returncode == 0
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         config = cache_config("killed", server.url)
@@ -262,7 +262,8 @@ def test_server_killed_mid_cache_resumes_with_nothing_lost_or_duplicated(tiny_ca
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         index = tmp_path / "killed" / "train"
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and sum(f.stat().st_size for f in index.glob("*.idx*")) < 2000:
+        while time.monotonic() < deadline and sum(
+                f.read_text().count("\n") for f in index.glob("*.index.jsonl")) < 10:
             time.sleep(0.02)
         server.stop(signal.SIGKILL)
         run.communicate(timeout=300)

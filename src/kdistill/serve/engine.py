@@ -64,6 +64,9 @@ class TeacherEngine:
         self.model = model.eval()
         self.text = TokenText(tokenizer)
         self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        # log-probs over the tokenizer's entries: rows of an output layer padded past the tokenizer are never tokens
+        # (as kdistill's local teacher and cache compute them, `kdistill.models.kd_vocab_size`)
+        self.scored_vocab = min(len(tokenizer), int(model.get_output_embeddings().weight.shape[0]))
         self.device = next(model.parameters()).device
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None and 0 <= pad < self.vocab_size else 0
@@ -75,7 +78,7 @@ class TeacherEngine:
         """Answer a batch with one forward: per job {"prompt_logprobs": list | None, "tokens": generated ids,
         "text": their text, "finish_reason": "stop" (an end-of-sequence id) | "length"}."""
         with torch.inference_mode():
-            logits = self.forward([job.ids for job in jobs])  # (B, T, V)
+            logits = self.forward([job.ids for job in jobs])[..., :self.scored_vocab]  # (B, T, V)
             return [self._answer(job, logits[b, :len(job.ids)]) for b, job in enumerate(jobs)]
 
     def forward(self, prompts: list[tuple[int, ...]]) -> torch.Tensor:

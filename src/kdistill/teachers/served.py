@@ -153,6 +153,9 @@ class TeacherServer:
                     f"teacher.server.top_k: {self.cfg.url} returns at most {cap.group(1)} log-probs per position, "
                     f"{self.k} were asked: start vLLM with --max-logprobs {self.k} (kdistill serve-teacher: "
                     f"--max-logprobs {self.k}) or lower top_k") from None
+            if "HTTP 400" in str(exc):
+                raise ServedTeacherError(f"teacher.server: the served model refused the student's tokens of a probe "
+                                         f"text, so it does not use the student's tokenizer: {exc}") from None
             raise
         self._check_vocabulary(probe, tokenizer)
 
