@@ -186,6 +186,7 @@ class ServedTopK(TeacherSource):
     def __init__(self, server: TeacherServer):
         self.server = server
         self.encoder_decoder = False
+        self.trained_positions = 0  # rows answered so far (bytes per trained token: server.response_bytes / this)
 
     def setup(self, *, encoder_decoder, chunked, outputs=frozenset()):
         if encoder_decoder:
@@ -219,4 +220,5 @@ class ServedTopK(TeacherSource):
                if parts else torch.zeros((0, k), dtype=dtype, device=device))
         teacher = TopKTeacher(indices=cat(ids, torch.long), logprobs=cat(lps, torch.float32), capture_temperature=1.0)
         target = torch.from_numpy(np.concatenate(actual)).to(device) if actual else torch.zeros(0, device=device)
+        self.trained_positions += int(teacher.indices.shape[0])
         return TopKRows(teacher, target_logprobs=target)
