@@ -181,7 +181,8 @@ class OnPolicyConfig(Checked):
     seq_kd: bool = option(False, "GKD's SeqKD variant: the steps that are not on-policy train on answers the "
                           "teacher samples (same sampling settings) instead of the dataset's responses.")
     max_new_tokens: int = option(128, "Most tokens sampled per answer; a longer answer is cut there (trained "
-                                 "without an end token) and counted as truncated.", ge=1)
+                                 "without an end token) and counted as truncated. Answers come on top of "
+                                 "data.max_length, which bounds the prompt.", ge=1)
     temperature: float = option(1.0, "SAMPLING temperature (the loss temperature stays objectives.kd.temperature).",
                                 gt=0)
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest set of tokens with this much probability.",
