@@ -274,7 +274,7 @@ def _(tmp, m):
     return ["cache", str(_config(tmp, m, cache={"dir": "/proc/kdistill-cache"}))], [tmp / "out"]
 
 
-@case("cache-without-teacher", "teacher.name_or_path is required to write a cache")
+@case("cache-without-teacher", "teacher.name_or_path (or teacher.server) is required to write a cache")
 def _(tmp, m):
     path = _config(tmp, m, cache={"dir": str(tmp / "cache")}, objectives={"ce": {"weight": 1.0}})
     raw = yaml.safe_load(path.read_text())
