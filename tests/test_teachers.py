@@ -26,7 +26,7 @@ def test_batch_parse_sorts_the_collated_keys_into_views_texts_and_teacher_signal
     batch = Batch.parse(inputs)
     assert sorted(batch.views) == ["", "rationale"] and list(batch.texts) == ["anchor"]
     assert sorted(batch.teacher) == ["teacher_anchor", "teacher_topk_indices"] and list(batch.extra) == ["num_negatives"]
-    assert batch.size == 2 and batch.samples == {}
+    assert batch.size == 2 and batch.sampled_by is None
     counts = batch.counts(encoder_decoder=False)
     assert counts.tokens == {"": 4, "rationale": 4} and counts.examples == 2  # 2 rows x (3 - 1) shifted labels
     assert batch.counts(encoder_decoder=True).tokens[""] == 6
