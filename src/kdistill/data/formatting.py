@@ -65,6 +65,7 @@ __all__ = [
     "prompt_text",
     "encode_example",
     "encode_examples",
+    "encode_with_segments",
 ]
 
 IGNORE_INDEX = -100
@@ -242,8 +243,10 @@ def _cut_keep_eos(ids: list[int], limit: int, eos_id: int | None) -> list[int]:
 
 
 def _encode(example: Example, tokenizer, template: str, max_length: int, is_encoder_decoder: bool,
-            max_target_length: int | None) -> tuple[dict | None, bool]:
-    """Encode one example; returns ``(features or None, was_truncated)``."""
+            max_target_length: int | None, segments_out: list | None = None) -> tuple[dict | None, bool]:
+    """Encode one example; returns ``(features or None, was_truncated)``. Causal LMs: `segments_out`, when given,
+    receives ``(text, trainable, start)`` per segment, ``start`` its first token's index in ``input_ids`` (before
+    the cut to ``max_length``)."""
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if max_target_length is not None and max_target_length < 1:
@@ -277,6 +280,8 @@ def _encode(example: Example, tokenizer, template: str, max_length: int, is_enco
             labels.append(IGNORE_INDEX)
     for text, trainable in segments:
         ids = _ids(tokenizer, text, False)
+        if segments_out is not None:
+            segments_out.append((text, trainable, len(input_ids)))
         input_ids.extend(ids)
         labels.extend(ids if trainable else [IGNORE_INDEX] * len(ids))
     if not chat and eos_id is not None:
@@ -294,6 +299,15 @@ def encode_example(example: Example, tokenizer, *, template: str = "auto", max_l
     """Tokenise one example to ``{"input_ids", "labels"}`` (lists of ints); ``None`` when no target
     token survives truncation. See the module docstring for the causal / encoder-decoder layouts."""
     return _encode(example, tokenizer, template, max_length, is_encoder_decoder, max_target_length)[0]
+
+
+def encode_with_segments(example: Example, tokenizer, *, template: str = "auto", max_length: int = 512
+                         ) -> tuple[dict | None, bool, list[tuple[str, bool, int]]]:
+    """A causal LM row as :func:`encode_example` gives it, whether it was cut, and its segments as
+    ``(text, trainable, start)`` (``start``: the segment's first token in ``input_ids``, before the cut)."""
+    segments: list[tuple[str, bool, int]] = []
+    feature, truncated = _encode(example, tokenizer, template, max_length, False, None, segments)
+    return feature, truncated, segments
 
 
 def encode_examples(examples: Iterable[Example], tokenizer, *, template: str = "auto", max_length: int = 512,
