@@ -1,6 +1,18 @@
 """Data loading, validation, prompt rendering, tokenisation and collation for distillation
 (LM rows and embedding rows: triplets, scored pairs, sentences)."""
 
+from .alignment import (
+    AlignmentError,
+    Chunk,
+    SlowTokenizerError,
+    TokenSpans,
+    align_chunks,
+    matched_vocabulary,
+    one_to_one,
+    spans_from_ids,
+    token_bytes,
+    token_spans,
+)
 from .collators import DataCollatorForDistillation
 from .formatting import (
     ALPACA_PROMPT_NO_INPUT,
@@ -27,6 +39,16 @@ from .records import (
 )
 
 __all__ = [
+    "AlignmentError",
+    "Chunk",
+    "SlowTokenizerError",
+    "TokenSpans",
+    "align_chunks",
+    "matched_vocabulary",
+    "one_to_one",
+    "spans_from_ids",
+    "token_bytes",
+    "token_spans",
     "ALPACA_PROMPT_NO_INPUT",
     "ALPACA_PROMPT_WITH_INPUT",
     "DataCollatorForDistillation",

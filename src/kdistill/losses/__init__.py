@@ -60,3 +60,13 @@ __all__ += ["chunked_cross_entropy", "chunked_distillation_loss", "chunked_topk_
 from kdistill.losses.topk import TopKTeacher, topk_divergence, topk_from_logits  # noqa: E402
 
 __all__ += ["TopKTeacher", "topk_divergence", "topk_from_logits"]
+
+from kdistill.losses.cross_tokenizer import (  # noqa: E402
+    ALM_DIVERGENCES,
+    alm_loss,
+    chunk_logprobs,
+    gold_loss,
+    uld_loss,
+)
+
+__all__ += ["ALM_DIVERGENCES", "alm_loss", "chunk_logprobs", "gold_loss", "uld_loss"]
