@@ -78,6 +78,9 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
     if cached and kind.needs_teacher() and not served_by_cache:
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model, but cache.dir is "
                           "set and a cached run loads none (the cache serves token distributions only: kd)")
+    if kind.cross_tokenizer and (cached or served):
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) reads the teacher's logits on its own tokens: it "
+                          "needs a loaded teacher (teacher.name_or_path), not cache.dir or teacher.server")
     if served and not cached and kind.needs_teacher():
         if obj.view:
             raise ConfigError(f"{source}: objectives.{key}: a served teacher scores the main token view only, "

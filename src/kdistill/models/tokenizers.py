@@ -46,8 +46,9 @@ def compare_tokenizers(teacher_tok, student_tok) -> None:
     raise VocabularyMismatchError(
         "teacher and student use different tokenizers (" + "; ".join(details) + "). Token-level logit KD "
         "compares next-token distributions id by id, so it needs one shared vocabulary. Options: choose a "
-        "student from the teacher's model family, or distil at the sequence level without logits: train the "
-        "student with the `ce` objective only (no `kd`) on text the teacher generated.")
+        "student from the teacher's model family, use the cross-tokenizer objective (objectives: {xkd: {type: "
+        "crosstok, method: alm}}), or distil at the sequence level without logits: train the student with the `ce` "
+        "objective only (no `kd`) on text the teacher generated.")
 
 
 def kd_vocab_size(tokenizer, teacher, student) -> int:

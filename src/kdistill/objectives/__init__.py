@@ -12,6 +12,7 @@ from kdistill.objectives.attention import AttentionAlignment
 from kdistill.objectives.base import Objective, ObjectiveConfig
 from kdistill.objectives.ce import CrossEntropy
 from kdistill.objectives.contrastive import Contrastive
+from kdistill.objectives.cross_tokenizer import CrossTokenizerKD
 from kdistill.objectives.embedding_kd import EmbeddingKD
 from kdistill.objectives.hidden import HiddenAlignment
 from kdistill.objectives.kd import LogitKD
@@ -23,7 +24,7 @@ __all__ = ["OBJECTIVES", "LMView", "Objective", "ObjectiveConfig", "StepBatch", 
 
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.type: cls for cls in (CrossEntropy, LogitKD, HiddenAlignment, AttentionAlignment, Contrastive, EmbeddingKD,
-                              Triplet)}
+                              Triplet, CrossTokenizerKD)}
 
 
 def objective_class(kind: str, where: str = "objectives") -> type[Objective]:

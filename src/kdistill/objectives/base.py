@@ -101,6 +101,7 @@ class Objective(torch.nn.Module):
     uses_text_fields: ClassVar[bool] = False         # an LM run must also encode the rows' triplet text fields
     requires_eager_attention: ClassVar[bool] = False  # both models must be loaded with eager attention
     scores_samples: ClassVar[bool] = False  # it can train on samples generated during the step (on_policy)
+    cross_tokenizer: ClassVar[bool] = False  # it reads the teacher's own tokens (another tokenizer than the student's)
 
     def __init__(self, name: str, cfg) -> None:
         super().__init__()

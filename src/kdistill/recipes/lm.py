@@ -18,6 +18,7 @@ from kdistill.data import (LM_FORMATS, DataCollatorForDistillation, DataValidati
                            EncodeStats, encode_examples, load_examples, tokenize_texts)
 from kdistill.data.answer_stats import answer_stats, example_response, format_stats
 from kdistill.data.collators import TextFieldCollator
+from kdistill.data.cross_rows import CrossTokenizerCollator, encode_cross
 from kdistill.data.prompt_rows import encode_for_sampling, has_response
 from kdistill.models import (apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model,
                              load_tokenizer, save_student, shrink)
@@ -44,8 +45,10 @@ def _objective_classes(cfg: RunConfig):
     return [OBJECTIVES[o.type] for o in cfg.objectives.values()]
 
 
-def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
-    """Validate and encode one LM data file per the config: (ListDataset, DataReport)."""
+def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool,
+               teacher_tokenizer=None):
+    """Validate and encode one LM data file per the config: (ListDataset, DataReport). With `teacher_tokenizer`
+    (a cross-tokenizer objective), rows also carry the teacher's own tokens and their chunk alignment."""
     sampling = cfg.on_policy is not None
     try:
         loaded = load_examples(source, format=cfg.data.format, split=split, skip_invalid=cfg.data.skip_invalid,
@@ -64,7 +67,14 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
     _warn_if_degenerate(source, [ex for ex in loaded.examples if not sampling or has_response(ex)])
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
-    if sampling:
+    unaligned: list[str] = []
+    if teacher_tokenizer is not None:
+        if encoder_decoder:
+            raise ConfigError("a cross-tokenizer objective aligns causal LMs only")
+        rows, stats, unaligned = encode_cross(loaded.examples, tokenizer, teacher_tokenizer,
+                                              template=cfg.data.template, max_length=cfg.data.max_length,
+                                              skip_invalid=cfg.data.skip_invalid)
+    elif sampling:
         rows, stats, prompt_only = encode_for_sampling(loaded.examples, tokenizer, **encode)
         if prompt_only and cfg.on_policy.lmbda < 1 and not cfg.on_policy.seq_kd:
             raise DataValidationError([f"{prompt_only[0]}: no response to train the off-policy steps on "
@@ -76,7 +86,7 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         rows, stats = _encode_with_triplets(cfg, loaded.examples, tokenizer, source, split, encode)
     else:
         rows, stats = encode_examples(loaded.examples, tokenizer, **encode)
-    report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped),
+    report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped) + unaligned,
                         truncated=stats.truncated, dropped_no_target=stats.dropped_no_target)
     if loaded.skipped:
         logger.warning("%s: skipped %d invalid row(s) (data.skip_invalid=true); first: %s", source,
@@ -150,10 +160,13 @@ class LMRecipe(Recipe):
 
     name = "lm"
 
-    def load_split(self, cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
-        return load_split(cfg, tokenizer, source, split, limit, encoder_decoder)
+    def load_split(self, cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool,
+                   teacher_tokenizer=None):
+        return load_split(cfg, tokenizer, source, split, limit, encoder_decoder, teacher_tokenizer)
 
-    def collator(self, cfg: RunConfig, tokenizer):
+    def collator(self, cfg: RunConfig, tokenizer, teacher_tokenizer=None):
+        if teacher_tokenizer is not None:
+            return CrossTokenizerCollator(tokenizer.pad_token_id, teacher_tokenizer.pad_token_id)
         collator = DataCollatorForDistillation(pad_token_id=tokenizer.pad_token_id)
         if any(c.uses_text_fields for c in _objective_classes(cfg)):
             collator = TextFieldCollator(collator, EmbeddingCollator(pad_token_id=tokenizer.pad_token_id))
@@ -180,18 +193,23 @@ class LMRecipe(Recipe):
             has_teacher = False
         encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, "student.name_or_path",
                                              trust_remote_code=cfg.student.trust_remote_code)
+        teacher_tokenizer = None
         if has_teacher:
             _check_kinds(cfg, encoder_decoder)
-            compare_tokenizers(load_tokenizer(cfg.teacher, "teacher.name_or_path"), tokenizer)
+            teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher.name_or_path")
+            if any(c.teacher_needs and not c.cross_tokenizer for c in _objective_classes(cfg)):
+                compare_tokenizers(teacher_tokenizer, tokenizer)
+            if not any(c.cross_tokenizer for c in _objective_classes(cfg)):
+                teacher_tokenizer = None
 
         train_ds, train_report = self.load_split(cfg, tokenizer, cfg.data.train, cfg.data.split, cfg.data.limit,
-                                                 encoder_decoder)
+                                                 encoder_decoder, teacher_tokenizer)
         reports, rows, eval_ds = [train_report], train_ds.rows, None
         if cfg.data.eval:
             eval_ds, eval_report = self.load_split(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split,
-                                                   cfg.data.eval_limit, encoder_decoder)
+                                                   cfg.data.eval_limit, encoder_decoder, teacher_tokenizer)
             reports.append(eval_report)
-        collator = self.collator(cfg, tokenizer)
+        collator = self.collator(cfg, tokenizer, teacher_tokenizer)
         source = None
         if served and any(c.teacher_needs for c in _objective_classes(cfg)):
             if encoder_decoder:
@@ -213,12 +231,15 @@ class LMRecipe(Recipe):
         teacher = load_model(self._model_config(cfg, "teacher"), role="teacher") if has_teacher else None
         if teacher is not None:
             source = LiveTeacher(teacher)
-        kd_vocab = kd_vocab_size(tokenizer, teacher, student) if source is not None else None
+        kd_vocab = kd_vocab_size(tokenizer, teacher, student) if source is not None and teacher_tokenizer is None \
+            else None
         if cfg.lora.enabled:
             student = apply_lora(student, cfg.lora)
         objectives = build_objectives(cfg.objectives)
         for objective, _ in objectives.values():
             objective.setup(student, teacher)
+            if objective.cross_tokenizer:
+                objective.setup_tokenizers(tokenizer, teacher_tokenizer or tokenizer)
         on_policy = None
         if cfg.on_policy is not None:
             on_policy = OnPolicy(cfg.on_policy, seed=cfg.seed, encoder_decoder=encoder_decoder, vocab_limit=kd_vocab,

@@ -1,0 +1,130 @@
+"""Cross-tokenizer logit distillation: a teacher and a student with different tokenizers (`kdistill.data.cross_rows`
+gives each row in both tokenisations with the chunks that align them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdistill.data.alignment import matched_vocabulary
+from kdistill.data.cross_rows import CHUNK_KEYS, TEACHER_VIEW
+from kdistill.fields import option
+from kdistill.losses import DIVERGENCES
+from kdistill.losses.cross_tokenizer import alm_loss, gold_loss, uld_loss
+from kdistill.losses.policy import target_logprobs
+from kdistill.models.heads import shifted_targets
+from kdistill.objectives.base import Objective, ObjectiveConfig, as_float
+from kdistill.teachers.base import DenseLogits, HiddenAndHead
+
+__all__ = ["CrossTokenizerConfig", "CrossTokenizerKD"]
+
+
+@dataclass
+class CrossTokenizerConfig(ObjectiveConfig):
+    """crosstok: logit KD between different tokenizers (alm, gold or uld)."""
+
+    method: str = option("alm", "alm: chunk-level likelihood matching (ALM, Minixhofer et al. 2025; needs only the "
+                         "teacher's log-probs of its own tokens); gold: a divergence over the exactly matched part of "
+                         "the vocabularies plus sorted-probability L1 over the rest, at one-to-one aligned tokens "
+                         "(TRL's GOLD); uld: sorted-probability L1 only (Boizard et al. 2024).",
+                         ("alm", "gold", "uld"))
+    divergence: str = option("forward_kl", "gold: the divergence on the matched vocabulary; alm: the binary KL's "
+                             "direction (forward_kl or reverse_kl).", tuple(DIVERGENCES))
+    temperature: float = option(1.0, "gold / uld: loss temperature (both softened, loss x T^2).", gt=0)
+    binarization_temperature: float = option(100.0, "alm: chunk probabilities are exp(log p / tau) before the "
+                                             "binary divergence (tokenkit's default 100).", gt=0)
+    matched_weight: float | None = option(None, "gold: weight of the matched part (default: the matched share of the "
+                                          "teacher's vocabulary).", ge=0)
+    unmatched_weight: float | None = option(None, "gold: weight of the unmatched part (default 1 - matched_weight).",
+                                            ge=0)
+    beta: float = option(0.5, "gold with jsd: mixture weight.", ge=0, le=1)
+    alpha: float = option(0.1, "gold with skew_*: skew weight.", ge=0, le=1)
+
+
+def _shift(chunks: torch.Tensor) -> torch.Tensor:
+    """Chunk ids per token -> per position, as the labels are shifted (position i predicts token i + 1)."""
+    return shifted_targets(chunks, False)
+
+
+class CrossTokenizerKD(Objective):
+    """Logit KD across tokenizers. The student reads its tokens (view ""), the teacher its own (view "xt"); chunks
+    spell the same characters on both sides. alm compares chunk log-probs (sums of the chunks' token log-probs);
+    gold and uld compare next-token distributions at chunks of one token on each side. Normalised by the global
+    count of the student's trained tokens."""
+
+    type = "crosstok"
+    Config = CrossTokenizerConfig
+    teacher_needs = frozenset({"tokens"})
+    reads_logits = True
+    cross_tokenizer = True
+
+    def __init__(self, name, cfg):
+        super().__init__(name, cfg)
+        self.vocab: tuple[int, int] | None = None
+        self.pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def setup_tokenizers(self, student_tokenizer, teacher_tokenizer) -> None:
+        """The two vocabularies' sizes and, for gold, their exactly matched tokens."""
+        self.vocab = (len(student_tokenizer), len(teacher_tokenizer))
+        if self.cfg.method == "gold":
+            self.pairs = matched_vocabulary(student_tokenizer, teacher_tokenizer)
+
+    def forward(self, batch):
+        if self.vocab is None:
+            raise RuntimeError(f"objectives.{self.name}: setup_tokenizers was not called (the LM recipe does it)")
+        student, teacher = batch.view(""), batch.view(TEACHER_VIEW)
+        signal = teacher.teacher_tokens()
+        if isinstance(signal, HiddenAndHead):
+            t_logits = F.linear(signal.hidden, signal.head.weight, signal.head.bias)
+        elif isinstance(signal, DenseLogits):
+            t_logits = signal.logits
+        else:
+            raise TypeError(f"objectives.{self.name}: needs the teacher's logits on its own tokens (a live teacher), "
+                            f"got {type(signal).__name__}")
+        v_s, v_t = self.vocab
+        s_logits, t_logits = student.student_logits[..., :v_s], t_logits[..., :v_t]
+        extra = batch.batch.extra
+        s_chunks, t_chunks = _shift(extra[CHUNK_KEYS[0]]), _shift(extra[CHUNK_KEYS[1]])
+        width = int(max(s_chunks.max(), t_chunks.max()).item()) + 1 if s_chunks.numel() else 0
+        rows = s_chunks.shape[0]
+        s_index = torch.where(s_chunks >= 0, torch.arange(rows, device=s_chunks.device)[:, None] * width + s_chunks,
+                              -1)
+        t_index = torch.where(t_chunks >= 0, torch.arange(rows, device=t_chunks.device)[:, None] * width + t_chunks,
+                              -1)
+        s_count = torch.zeros(rows * width, dtype=torch.long, device=s_chunks.device).index_add(
+            0, s_index[s_index >= 0], torch.ones_like(s_index[s_index >= 0]))
+        t_count = torch.zeros(rows * width, dtype=torch.long, device=s_chunks.device).index_add(
+            0, t_index[t_index >= 0].to(s_chunks.device), torch.ones_like(t_index[t_index >= 0]).to(s_chunks.device))
+        both = (s_count > 0) & (t_count > 0)
+        norm = student.num_items
+        if self.cfg.method == "alm":
+            s_lp = target_logprobs(s_logits, student.targets)
+            t_lp = target_logprobs(t_logits.detach(), teacher.targets).to(s_lp.device)
+            s_sum = s_lp.new_zeros(rows * width).index_add(0, s_index[s_index >= 0], s_lp[s_index >= 0])
+            t_sum = s_lp.new_zeros(rows * width).index_add(0, t_index[t_index >= 0].to(s_lp.device),
+                                                           t_lp[t_index >= 0])
+            direction = self.cfg.divergence if self.cfg.divergence in ("forward_kl", "reverse_kl") else "forward_kl"
+            loss = alm_loss(s_sum[both], t_sum[both], binarization_temperature=self.cfg.binarization_temperature,
+                            divergence=direction, reduction="sum")
+            chunks = both.sum()
+            return loss / as_float(norm, loss), {"aligned_chunks": chunks.float() / as_float(norm, loss)}
+        single = both & (s_count == 1) & (t_count == 1)
+        s_pos = torch.full((rows * width,), -1, dtype=torch.long, device=s_chunks.device)
+        t_pos = torch.full_like(s_pos, -1)
+        s_flat = torch.arange(s_chunks.numel(), device=s_chunks.device).reshape(s_chunks.shape)
+        t_flat = torch.arange(t_chunks.numel(), device=s_chunks.device).reshape(t_chunks.shape)
+        s_pos.scatter_(0, s_index[s_index >= 0], s_flat[s_index >= 0])
+        t_pos.scatter_(0, t_index[t_index >= 0].to(s_chunks.device), t_flat[t_index >= 0])
+        s_rows = s_logits.reshape(-1, v_s)[s_pos[single]]
+        t_rows = t_logits.reshape(-1, v_t).to(s_rows.device)[t_pos[single]].detach()
+        if self.cfg.method == "uld":
+            loss = uld_loss(s_rows, t_rows, temperature=self.cfg.temperature, reduction="sum")
+        else:
+            s_ids, t_ids = self.pairs
+            loss = gold_loss(s_rows, t_rows, s_ids, t_ids, divergence=self.cfg.divergence,
+                             temperature=self.cfg.temperature, matched_weight=self.cfg.matched_weight,
+                             unmatched_weight=self.cfg.unmatched_weight, reduction="sum", beta=self.cfg.beta,
+                             alpha=self.cfg.alpha)
+        return loss / as_float(norm, loss), {"aligned_positions": single.sum().float() / as_float(norm, loss)}
