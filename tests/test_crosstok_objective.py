@@ -96,13 +96,29 @@ def test_different_tokenizers_are_aligned_per_row(other_vocab_teacher, tiny_caus
 def test_refusals(other_vocab_teacher, tiny_causal, alpaca_small, tmp_path):
     with pytest.raises(VocabularyMismatchError, match="crosstok"):
         _prepared(other_vocab_teacher, tiny_causal["student"], alpaca_small, tmp_path, {"kd": {}})
-    for extra in ({"cache": {"dir": str(tmp_path / "c")}}, {"teacher": {"server": {"url": "http://h/v1",
-                                                                                     "model": "m"}}}):
+    server = {"teacher": {"server": {"url": "http://h/v1", "model": "m"}}}
+    for method, extra in (("alm", {"cache": {"dir": str(tmp_path / "c")}}), ("gold", server), ("uld", server)):
         raw = run_config(other_vocab_teacher, tiny_causal["student"], alpaca_small, tmp_path / "o")
-        raw["objectives"] = {"x": {"type": "crosstok"}}
+        raw["objectives"] = {"x": {"type": "crosstok", "method": method}}
         raw.update(extra)
         with pytest.raises(ConfigError, match="needs a loaded teacher"):
             config_from_dict(raw)
+
+
+def test_alm_from_a_served_teacher_equals_the_loaded_teacher(other_vocab_teacher, tiny_causal, alpaca_small,
+                                                            tmp_path):
+    """alm reads only the teacher's log-probs of its own tokens, which a server returns exactly."""
+    from test_served_teacher import Served
+
+    objectives = {"x": {"type": "crosstok", "method": "alm", "binarization_temperature": 1.0}}
+    local, _ = _loss(_prepared(other_vocab_teacher, tiny_causal["student"], alpaca_small, tmp_path, objectives))
+    with Served(other_vocab_teacher) as server:
+        raw = run_config(None, tiny_causal["student"], alpaca_small, tmp_path / "served")
+        raw["teacher"] = {"tokenizer": other_vocab_teacher,
+                          "server": {"url": server.url, "model": "teacher", "top_k": 4, "max_retries": 1}}
+        raw["objectives"] = objectives
+        served, _ = _loss(prepare(config_from_dict(raw)))
+    assert served == pytest.approx(local, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -78,14 +78,16 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
     if cached and kind.needs_teacher() and not served_by_cache:
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model, but cache.dir is "
                           "set and a cached run loads none (the cache serves token distributions only: kd)")
-    if kind.cross_tokenizer and (cached or served):
-        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) reads the teacher's logits on its own tokens: it "
-                          "needs a loaded teacher (teacher.name_or_path), not cache.dir or teacher.server")
+    if kind.cross_tokenizer and (cached or (served and obj.method != "alm")):
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}, method {obj.method}) reads the teacher's "
+                          "distributions on its own tokens: it needs a loaded teacher (teacher.name_or_path), not "
+                          "cache.dir" + ("" if cached else " or teacher.server (method alm works with a server: it reads "
+                                         "only the log-probs of the teacher's own tokens)"))
     if served and not cached and kind.needs_teacher():
-        if obj.view:
+        if getattr(obj, "view", ""):
             raise ConfigError(f"{source}: objectives.{key}: a served teacher scores the main token view only, "
                               f"not view {obj.view!r}")
-        if obj.missing == "bucket" and obj.temperature != 1.0:
+        if getattr(obj, "missing", None) == "bucket" and obj.temperature != 1.0:
             raise ConfigError(f"{source}: objectives.{key}: missing: bucket needs the loss temperature "
                               f"({obj.temperature}) to be 1: a served teacher's log-probs are requested at "
                               "temperature 1 (the mass outside its top k is known only there); use missing: "

@@ -16,7 +16,7 @@ from kdistill.losses.cross_tokenizer import alm_loss, gold_loss, uld_loss
 from kdistill.losses.policy import target_logprobs
 from kdistill.models.heads import shifted_targets
 from kdistill.objectives.base import Objective, ObjectiveConfig, as_float
-from kdistill.teachers.base import DenseLogits, HiddenAndHead
+from kdistill.teachers.base import DenseLogits, HiddenAndHead, TopKRows
 
 __all__ = ["CrossTokenizerConfig", "CrossTokenizerKD"]
 
@@ -76,15 +76,22 @@ class CrossTokenizerKD(Objective):
             raise RuntimeError(f"objectives.{self.name}: setup_tokenizers was not called (the LM recipe does it)")
         student, teacher = batch.view(""), batch.view(TEACHER_VIEW)
         signal = teacher.teacher_tokens()
+        t_logits, t_lp = None, None
         if isinstance(signal, HiddenAndHead):
             t_logits = F.linear(signal.hidden, signal.head.weight, signal.head.bias)
         elif isinstance(signal, DenseLogits):
             t_logits = signal.logits
+        elif isinstance(signal, TopKRows) and signal.target_logprobs is not None and self.cfg.method == "alm":
+            # a served teacher: the log-prob of each of its own tokens is all alm reads
+            t_lp = torch.zeros(teacher.targets.shape, dtype=torch.float32, device=teacher.targets.device)
+            t_lp[teacher.mask] = signal.target_logprobs.float().to(t_lp.device)
         else:
-            raise TypeError(f"objectives.{self.name}: needs the teacher's logits on its own tokens (a live teacher), "
-                            f"got {type(signal).__name__}")
+            raise TypeError(f"objectives.{self.name}: method {self.cfg.method} needs the teacher's logits on its own "
+                            f"tokens (a loaded teacher), got {type(signal).__name__}")
         v_s, v_t = self.vocab
-        s_logits, t_logits = student.student_logits[..., :v_s], t_logits[..., :v_t]
+        s_logits = student.student_logits[..., :v_s]
+        if t_logits is not None:
+            t_logits = t_logits[..., :v_t]
         extra = batch.batch.extra
         s_chunks, t_chunks = _shift(extra[CHUNK_KEYS[0]]), _shift(extra[CHUNK_KEYS[1]])
         width = int(max(s_chunks.max(), t_chunks.max()).item()) + 1 if s_chunks.numel() else 0
@@ -101,7 +108,9 @@ class CrossTokenizerKD(Objective):
         norm = student.num_items
         if self.cfg.method == "alm":
             s_lp = target_logprobs(s_logits, student.targets)
-            t_lp = target_logprobs(t_logits.detach(), teacher.targets).to(s_lp.device)
+            if t_lp is None:
+                t_lp = target_logprobs(t_logits.detach(), teacher.targets)
+            t_lp = t_lp.to(s_lp.device)
             s_sum = s_lp.new_zeros(rows * width).index_add(0, s_index[s_index >= 0], s_lp[s_index >= 0])
             t_sum = s_lp.new_zeros(rows * width).index_add(0, t_index[t_index >= 0].to(s_lp.device),
                                                            t_lp[t_index >= 0])

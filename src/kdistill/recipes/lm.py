@@ -194,6 +194,12 @@ class LMRecipe(Recipe):
         encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, "student.name_or_path",
                                              trust_remote_code=cfg.student.trust_remote_code)
         teacher_tokenizer = None
+        cross = any(c.cross_tokenizer for c in _objective_classes(cfg))
+        if served and cross:  # the server scores the teacher's own tokens: its tokenizer is read locally
+            if not (cfg.teacher.tokenizer or cfg.teacher.name_or_path):
+                raise ConfigError("teacher.tokenizer: a cross-tokenizer objective with teacher.server needs the "
+                                  "teacher's tokenizer (a folder or hub id) to tokenise the rows its way")
+            teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher.tokenizer")
         if has_teacher:
             _check_kinds(cfg, encoder_decoder)
             teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher.name_or_path")
@@ -215,8 +221,9 @@ class LMRecipe(Recipe):
             if encoder_decoder:
                 raise ConfigError("teacher.server: a served teacher scores causal LMs (vLLM's prompt_logprobs); "
                                   f"{cfg.student.name_or_path} is an encoder-decoder: load the teacher instead")
-            server = TeacherServer(cfg.teacher.server, vocab=len(tokenizer))
-            server.check(tokenizer)  # before any model loads: reachable, the model, k, the vocabulary
+            served_tokenizer = teacher_tokenizer or tokenizer  # the tokens the server is sent
+            server = TeacherServer(cfg.teacher.server, vocab=len(served_tokenizer))
+            server.check(served_tokenizer)  # before any model loads: reachable, the model, k, the vocabulary
             source = ServedTopK(server)
         if cached:  # checked against the data and tokenizer before any model is loaded
             train_ds = CachedTeacherDataset(train_ds, open_cache(cfg, "train", train_ds, tokenizer, encoder_decoder))
