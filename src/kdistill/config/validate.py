@@ -78,6 +78,9 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
     if cached and kind.needs_teacher() and not served_by_cache:
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}) needs a live teacher model, but cache.dir is "
                           "set and a cached run loads none (the cache serves token distributions only: kd)")
+    if kind.cross_tokenizer and cfg.stepbystep.dataset:
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}): cross-tokenizer KD runs on LM rows, not on "
+                          "step-by-step data")
     if kind.cross_tokenizer and (cached or (served and obj.method != "alm")):
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}, method {obj.method}) reads the teacher's "
                           "distributions on its own tokens: it needs a loaded teacher (teacher.name_or_path), not "

@@ -39,9 +39,11 @@ class StepByStepRecipe(LMRecipe):
 
     name = "stepbystep"
 
-    def load_split(self, cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool):
+    def load_split(self, cfg: RunConfig, tokenizer, source: str, split: str, limit, encoder_decoder: bool,
+                   teacher_tokenizer=None):
         """Two token views per example. An example without a rationale gets an empty rationale view (every label
-        -100), so it adds nothing to the rationale loss or its token count."""
+        -100), so it adds nothing to the rationale loss or its token count. (`teacher_tokenizer`: cross-tokenizer
+        objectives do not run on step-by-step data; always None here.)"""
         _, views = stepbystep_rows(cfg, source, limit, encoder_decoder)
         kwargs = dict(template="plain", max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                       max_target_length=cfg.data.max_target_length)
@@ -75,7 +77,7 @@ class StepByStepRecipe(LMRecipe):
         return ListDataset(rows), DataReport(source=source, examples=len(rows), truncated=truncated,
                                              dropped_no_target=dropped)
 
-    def collator(self, cfg: RunConfig, tokenizer):
+    def collator(self, cfg: RunConfig, tokenizer, teacher_tokenizer=None):
         return ViewCollator(super().collator(cfg, tokenizer))
 
     def evaluate(self, cfg: RunConfig, parts: Parts, model) -> dict | None:
