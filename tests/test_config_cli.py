@@ -191,6 +191,11 @@ def test_an_objective_refuses_a_key_it_does_not_have_with_its_line(tmp_path):
                     "objectives:\n  mine:\n    type: kd\n    divergence: jsd\n    beta: 1.0\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:8: objectives\.mine\.beta: 1\.0 makes jsd identically zero"):
         load_config(path)
+    path.write_text("student: {name_or_path: x}\nteacher: {name_or_path: y}\ndata: {train: d.jsonl}\n"
+                    "objectives:\n  x:\n    type: crosstok\n    method: alm\n    divergence: jsd\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:8: objectives\.x\.divergence: jsd is not a binary KL direction: "
+                                          r"method alm takes forward_kl or reverse_kl"):
+        load_config(path)  # it used to train as forward_kl without a word
     cfg = config_from_dict({"student": {"name_or_path": "x"}, "teacher": {"name_or_path": "y"},
                             "data": {"train": "d"}, "objectives": {"rationale": {"type": "ce", "view": "rationale"},
                                                                    "contrastive_kd": {"type": "kd"}}})

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from kdistill.data.alignment import matched_vocabulary
 from kdistill.data.cross_rows import CHUNK_KEYS, TEACHER_VIEW
-from kdistill.fields import option
+from kdistill.fields import FieldError, option
 from kdistill.losses import DIVERGENCES
-from kdistill.losses.cross_tokenizer import alm_loss, gold_loss, uld_loss
+from kdistill.losses.cross_tokenizer import ALM_DIVERGENCES, alm_loss, gold_loss, uld_loss
 from kdistill.losses.policy import target_logprobs
 from kdistill.models.heads import shifted_targets
 from kdistill.objectives.base import Objective, ObjectiveConfig, as_float
@@ -41,6 +41,12 @@ class CrossTokenizerConfig(ObjectiveConfig):
                                             ge=0)
     beta: float = option(0.5, "gold with jsd: mixture weight.", ge=0, le=1)
     alpha: float = option(0.1, "gold with skew_*: skew weight.", ge=0, le=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method == "alm" and self.divergence not in ALM_DIVERGENCES:
+            raise FieldError("divergence", f"{self.divergence} is not a binary KL direction: method alm takes "
+                             f"{' or '.join(ALM_DIVERGENCES)}")
 
 
 def _shift(chunks: torch.Tensor) -> torch.Tensor:
@@ -114,9 +120,8 @@ class CrossTokenizerKD(Objective):
             s_sum = s_lp.new_zeros(rows * width).index_add(0, s_index[s_index >= 0], s_lp[s_index >= 0])
             t_sum = s_lp.new_zeros(rows * width).index_add(0, t_index[t_index >= 0].to(s_lp.device),
                                                            t_lp[t_index >= 0])
-            direction = self.cfg.divergence if self.cfg.divergence in ("forward_kl", "reverse_kl") else "forward_kl"
             loss = alm_loss(s_sum[both], t_sum[both], binarization_temperature=self.cfg.binarization_temperature,
-                            divergence=direction, reduction="sum")
+                            divergence=self.cfg.divergence, reduction="sum")
             chunks = both.sum()
             return loss / as_float(norm, loss), {"aligned_chunks": chunks.float() / as_float(norm, loss)}
         single = both & (s_count == 1) & (t_count == 1)
