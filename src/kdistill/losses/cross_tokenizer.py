@@ -34,7 +34,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses.divergences import REDUCTIONS, check_temperature, per_row_divergence, reduce_positions
+from kdistill.losses.divergences import (REDUCTIONS, check_temperature, counted_rows, per_row_divergence,
+                                         reduce_positions)
 
 __all__ = ["ALM_DIVERGENCES", "alm_loss", "chunk_logprobs", "gold_loss", "uld_loss"]
 
@@ -51,22 +52,6 @@ def _dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None):
-    """(..., V_s), (..., V_t) -> the counted rows (N, V_s), (N, V_t) and the flat mask (None: all counted)."""
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(f"student and teacher logits must have the same leading shape (aligned positions), got "
-                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    s = student_logits.reshape(-1, student_logits.shape[-1])
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    if mask is None:
-        return s, t, None
-    if mask.shape != student_logits.shape[:-1]:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape "
-                         f"{tuple(student_logits.shape[:-1])}")
-    flat = mask.reshape(-1).to(torch.bool)
-    return s[flat], t[flat], flat
 
 
 def _sorted_l1(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
@@ -92,7 +77,7 @@ def uld_loss(student_logits, teacher_logits, mask=None, temperature=1.0, reducti
     check_temperature(temperature)
     _check_reduction(reduction)
     leading = student_logits.shape[:-1]
-    s, t, flat = _rows(student_logits, teacher_logits, mask)
+    s, t, flat = counted_rows(student_logits, teacher_logits, mask)
     dtype = _dtype(s, t)
     p_s = F.softmax(s.to(dtype) / temperature, dim=-1)
     p_t = F.softmax(t.to(dtype) / temperature, dim=-1)
@@ -147,7 +132,7 @@ def gold_loss(student_logits, teacher_logits, student_ids, teacher_ids, divergen
     if w_m < 0 or w_u < 0:
         raise ValueError(f"matched_weight and unmatched_weight must be >= 0, got {w_m} and {w_u}")
     leading = student_logits.shape[:-1]
-    s, t, flat = _rows(student_logits, teacher_logits, mask)
+    s, t, flat = counted_rows(student_logits, teacher_logits, mask)
     dtype = _dtype(s, t)
     s_ids, t_ids = student_ids.to(s.device), teacher_ids.to(t.device)
     per_row = per_row_divergence(divergence, beta=beta, alpha=alpha)

@@ -54,6 +54,7 @@ __all__ = [
     "per_row_divergence",
     "REDUCTIONS",
     "check_temperature",
+    "counted_rows",
 ]
 
 REDUCTIONS = ("mean", "sum", "none")  # the `reduction=` values every logit divergence accepts
@@ -76,9 +77,17 @@ def _select(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: to
         raise ValueError(
             f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_logits.shape)} (align vocabularies first: kdistill.models.align_vocab)")
-    vocab = student_logits.shape[-1]
-    s = student_logits.reshape(-1, vocab)
-    t = teacher_logits.reshape(-1, vocab)
+    return counted_rows(student_logits, teacher_logits, mask)
+
+
+def counted_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None):
+    """(..., V_s), (..., V_t) with one leading shape -> the counted rows (N, V_s), (N, V_t) and the flat mask
+    (None: every position counted). The vocabularies may differ (cross-tokenizer losses)."""
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student and teacher logits must have the same leading shape (aligned positions), got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
     if mask is None:
         return s, t, None
     if mask.shape != student_logits.shape[:-1]:
