@@ -54,6 +54,14 @@ def _shift(chunks: torch.Tensor) -> torch.Tensor:
     return shifted_targets(chunks, False)
 
 
+def _slots(chunks: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position in a chunk (row-major): its chunk's slot, row * width + chunk, and its flat position."""
+    inside = chunks >= 0
+    rows = torch.arange(chunks.shape[0], device=chunks.device)[:, None]
+    positions = torch.arange(chunks.numel(), device=chunks.device).reshape(chunks.shape)
+    return (rows * width + chunks)[inside], positions[inside]
+
+
 class CrossTokenizerKD(Objective):
     """Logit KD across tokenizers. The student reads its tokens (view ""), the teacher its own (view "xt"); chunks
     spell the same characters on both sides. alm compares chunk log-probs (sums of the chunks' token log-probs);
@@ -100,37 +108,26 @@ class CrossTokenizerKD(Objective):
             t_logits = t_logits[..., :v_t]
         extra = batch.batch.extra
         s_chunks, t_chunks = _shift(extra[CHUNK_KEYS[0]]), _shift(extra[CHUNK_KEYS[1]])
-        width = int(max(s_chunks.max(), t_chunks.max()).item()) + 1 if s_chunks.numel() else 0
         rows = s_chunks.shape[0]
-        s_index = torch.where(s_chunks >= 0, torch.arange(rows, device=s_chunks.device)[:, None] * width + s_chunks,
-                              -1)
-        t_index = torch.where(t_chunks >= 0, torch.arange(rows, device=t_chunks.device)[:, None] * width + t_chunks,
-                              -1)
-        s_count = torch.zeros(rows * width, dtype=torch.long, device=s_chunks.device).index_add(
-            0, s_index[s_index >= 0], torch.ones_like(s_index[s_index >= 0]))
-        t_count = torch.zeros(rows * width, dtype=torch.long, device=s_chunks.device).index_add(
-            0, t_index[t_index >= 0].to(s_chunks.device), torch.ones_like(t_index[t_index >= 0]).to(s_chunks.device))
+        width = int(max(s_chunks.max(), t_chunks.max()).item()) + 1 if s_chunks.numel() else 0
+        (s_slots, s_at), (t_slots, t_at) = _slots(s_chunks, width), _slots(t_chunks, width)
+        s_count = torch.bincount(s_slots, minlength=rows * width)
+        t_count = torch.bincount(t_slots, minlength=rows * width)
         both = (s_count > 0) & (t_count > 0)
         norm = student.num_items
         if self.cfg.method == "alm":
             s_lp = target_logprobs(s_logits, student.targets)
             if t_lp is None:
                 t_lp = target_logprobs(t_logits.detach(), teacher.targets)
-            t_lp = t_lp.to(s_lp.device)
-            s_sum = s_lp.new_zeros(rows * width).index_add(0, s_index[s_index >= 0], s_lp[s_index >= 0])
-            t_sum = s_lp.new_zeros(rows * width).index_add(0, t_index[t_index >= 0].to(s_lp.device),
-                                                           t_lp[t_index >= 0])
+            s_sum = s_lp.new_zeros(rows * width).index_add(0, s_slots, s_lp.reshape(-1)[s_at])
+            t_sum = s_lp.new_zeros(rows * width).index_add(0, t_slots, t_lp.reshape(-1)[t_at].to(s_lp.dtype))
             loss = alm_loss(s_sum[both], t_sum[both], binarization_temperature=self.cfg.binarization_temperature,
                             divergence=self.cfg.divergence, reduction="sum")
             chunks = both.sum()
             return loss / as_float(norm, loss), {"aligned_chunks": chunks.float() / as_float(norm, loss)}
         single = both & (s_count == 1) & (t_count == 1)
-        s_pos = torch.full((rows * width,), -1, dtype=torch.long, device=s_chunks.device)
-        t_pos = torch.full_like(s_pos, -1)
-        s_flat = torch.arange(s_chunks.numel(), device=s_chunks.device).reshape(s_chunks.shape)
-        t_flat = torch.arange(t_chunks.numel(), device=s_chunks.device).reshape(t_chunks.shape)
-        s_pos.scatter_(0, s_index[s_index >= 0], s_flat[s_index >= 0])
-        t_pos.scatter_(0, t_index[t_index >= 0].to(s_chunks.device), t_flat[t_index >= 0])
+        s_pos = torch.full((rows * width,), -1, dtype=torch.long, device=s_chunks.device).scatter_(0, s_slots, s_at)
+        t_pos = torch.full_like(s_pos, -1).scatter_(0, t_slots, t_at)
         s_rows = s_logits.reshape(-1, v_s)[s_pos[single]]
         t_rows = t_logits.reshape(-1, v_t).to(s_rows.device)[t_pos[single]].detach()
         if self.cfg.method == "uld":
