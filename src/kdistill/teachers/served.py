@@ -105,6 +105,15 @@ class TeacherServer:
         self.count_bytes = False
 
     def _request(self, sequences: list[list[int]], where: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return self._parse(self._post(sequences, where), sequences, where)
+
+    def _parse(self, choices: list, sequences: list[list[int]], where: str):
+        return [parse_prompt_logprobs(c.get("prompt_logprobs") if isinstance(c, dict) else None, seq, self.k,
+                                      self.vocab, f"{where}, prompt {i}")
+                for i, (c, seq) in enumerate(zip(choices, sequences))]
+
+    def _post(self, sequences: list[list[int]], where: str) -> list:
+        """The answer's choices, in prompt order (their count checked)."""
         payload = {"model": self.cfg.model, "prompt": sequences, "max_tokens": 1, "prompt_logprobs": self.k,
                    "temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": None}
         try:
@@ -119,10 +128,7 @@ class TeacherServer:
             self.requests += 1
             if self.count_bytes:
                 self.response_bytes += len(json.dumps(answer, separators=(",", ":")))
-        ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
-        return [parse_prompt_logprobs(c.get("prompt_logprobs") if isinstance(c, dict) else None, seq, self.k,
-                                      self.vocab, f"{where}, prompt {i}")
-                for i, (c, seq) in enumerate(zip(ordered, sequences))]
+        return sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
 
     def score(self, sequences: list[list[int]], what: str = "batch"):
         """Per sequence: (len - 1, k) top ids, their log-probs, and the actual tokens' log-probs."""
@@ -144,8 +150,9 @@ class TeacherServer:
             raise ServedTeacherError(f"teacher.server.model: {self.cfg.url} serves {', '.join(map(str, names)) or 'no model'}, "
                                      f"not {self.cfg.model!r}")
         probe = list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
+        where = f"{self.cfg.url}/completions (start-up probe)"
         try:
-            (top_ids, _, _), = self._request([probe], f"{self.cfg.url}/completions (start-up probe)")
+            choices = self._post([probe], where)
         except ServedTeacherError as exc:
             cap = _CAP.search(str(exc))
             if cap and int(cap.group(1)) < self.k:
@@ -157,12 +164,11 @@ class TeacherServer:
                 raise ServedTeacherError(f"teacher.server: the served model refused the student's tokens of a probe "
                                          f"text, so it does not use the student's tokenizer: {exc}") from None
             raise
-        self._check_vocabulary(probe, tokenizer)
+        self._parse(choices, [probe], where)  # k log-probs per position, ids inside the vocabulary
+        self._check_vocabulary(probe, tokenizer, choices[0]["prompt_logprobs"])
 
-    def _check_vocabulary(self, probe: list[int], tokenizer) -> None:
-        payload = {"model": self.cfg.model, "prompt": [probe], "max_tokens": 1, "prompt_logprobs": 1,
-                   "temperature": 1.0, "logprobs": None}
-        entries = self.endpoint.post_json("/completions", payload)["choices"][0]["prompt_logprobs"]
+    def _check_vocabulary(self, probe: list[int], tokenizer, entries: list) -> None:
+        """Each probe token decodes on the server (its `decoded_token`) as it does for the student."""
         for p in range(1, len(probe)):
             served = (entries[p] or {}).get(str(probe[p]), {})
             decoded = served.get("decoded_token") if isinstance(served, dict) else None
