@@ -81,11 +81,14 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
     if kind.cross_tokenizer and cfg.stepbystep.dataset:
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}): cross-tokenizer KD runs on LM rows, not on "
                           "step-by-step data")
-    if kind.cross_tokenizer and (cached or (served and obj.method != "alm")):
+    if kind.cross_tokenizer and (cached or served) and obj.method != "alm":
         raise ConfigError(f"{source}: objectives.{key} ({obj.type}, method {obj.method}) reads the teacher's "
-                          "distributions on its own tokens: it needs a loaded teacher (teacher.name_or_path), not "
-                          "cache.dir" + ("" if cached else " or teacher.server (method alm works with a server: it reads "
-                                         "only the log-probs of the teacher's own tokens)"))
+                          "full distributions on its own tokens: it needs a loaded teacher (teacher.name_or_path), "
+                          f"not {'cache.dir' if cached else 'teacher.server'} (method alm works with both: it reads "
+                          "only the log-probs of the teacher's own tokens)")
+    if kind.cross_tokenizer and cached and cfg.cache.temperature != 1.0:
+        raise ConfigError(f"{source}: objectives.{key} ({obj.type}) matches the teacher's likelihoods, so its cache "
+                          f"must hold log-probs at temperature 1; cache.temperature is {cfg.cache.temperature}")
     if served and not cached and kind.needs_teacher():
         if getattr(obj, "view", ""):
             raise ConfigError(f"{source}: objectives.{key}: a served teacher scores the main token view only, "
@@ -95,7 +98,7 @@ def _check_objective(cfg: RunConfig, source: str, key: str, obj) -> None:
                               f"({obj.temperature}) to be 1: a served teacher's log-probs are requested at "
                               "temperature 1 (the mass outside its top k is known only there); use missing: "
                               "renormalize to train at another temperature")
-    if cached and kind.needs_teacher():
+    if cached and kind.needs_teacher() and not kind.cross_tokenizer:
         if obj.view:
             raise ConfigError(f"{source}: objectives.{key}: a top-k cache covers the main token view only, "
                               f"not view {obj.view!r}")
@@ -128,10 +131,16 @@ def _check_on_policy(cfg: RunConfig, source: str, lines: dict) -> None:
             raise ConfigError(f"{place('objectives', key)}: objectives.{key} ({obj.type}) cannot score sampled "
                               f"answers ({why}); with on_policy the objectives must be "
                               f"{', '.join(k for k, c in OBJECTIVES.items() if c.scores_samples)}")
-        if obj.view:
+        if getattr(obj, "view", ""):
             raise ConfigError(f"{place('objectives', key, 'view')}: objectives.{key}.view: on_policy samples "
                               f"answers for the main token view only, not {obj.view!r}")
-        if cfg.on_policy.mode == "sampled_token" and obj.temperature != 1.0:
+        if kind.cross_tokenizer and (cfg.on_policy.seq_kd or cfg.on_policy.mode != "divergence"):
+            bad = "seq_kd" if cfg.on_policy.seq_kd else "mode"
+            raise ConfigError(f"{place('on_policy', bad)}: on_policy.{bad}: with a cross-tokenizer objective "
+                              f"({key}) the student samples and the teacher scores its answers in its own tokens; "
+                              "teacher-generated answers (seq_kd) and the sampled-token mode (a kd mode) are not "
+                              "built for different tokenizers")
+        if cfg.on_policy.mode == "sampled_token" and getattr(obj, "temperature", 1.0) != 1.0:
             raise ConfigError(f"{place('objectives', key, 'temperature')}: objectives.{key}.temperature is "
                               f"{obj.temperature}, but on_policy.mode: sampled_token scores the samples' own "
                               "log-probabilities (loss temperature 1); set the sampling temperature with "

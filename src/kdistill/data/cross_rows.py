@@ -12,6 +12,11 @@ own end-of-turn marker, different per tokenizer, is outside it). A row then carr
 
 Rows are causal only. A row whose two tokenisations cannot be aligned raises `AlignmentError` naming `file:line`
 (skipped and counted with `data.skip_invalid`).
+
+For on-policy runs (`sampling=True`) each row also carries where its final answer starts on each side
+(`prompt_length`, `xt_prompt_length`), and prompt-only rows are accepted: rendered with a placeholder answer and cut
+before it on both sides (`kdistill.data.prompt_rows`). `kdistill.data.cross_samples` rebuilds both views around
+the answers the student samples.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import torch
 
 from kdistill.data.alignment import AlignmentError, TokenSpans, align_chunks, token_spans
 from kdistill.data.formatting import IGNORE_INDEX, EncodeStats, encode_with_segments
+from kdistill.data.prompt_rows import PROMPT_LENGTH, final_response_start, has_response, with_placeholder
 from kdistill.data.records import Example
 
-__all__ = ["CHUNK_KEYS", "TEACHER_VIEW", "CrossTokenizerCollator", "encode_cross"]
+__all__ = ["CHUNK_KEYS", "TEACHER_PROMPT_LENGTH", "TEACHER_VIEW", "CrossTokenizerCollator", "encode_cross"]
 
 TEACHER_VIEW = "xt"
 CHUNK_KEYS = ("s_chunks", "xt_chunks")
+TEACHER_PROMPT_LENGTH = f"{TEACHER_VIEW}_{PROMPT_LENGTH}"
 
 
 def _answers(example: Example) -> list[str]:
@@ -68,12 +75,14 @@ def _trained_segments(feature_segments, example: Example, tokenizer, side: str):
 
 
 def encode_cross(examples, student_tokenizer, teacher_tokenizer, *, template: str = "auto", max_length: int = 512,
-                 skip_invalid: bool = False) -> tuple[list[dict], EncodeStats, list[str]]:
+                 skip_invalid: bool = False, sampling: bool = False) -> tuple[list[dict], EncodeStats, list[str]]:
     """Encode rows for both tokenizers with their chunk alignment (see the module docstring). Returns (features,
     stats, the skipped rows' "file:line: reason")."""
     features, stats, skipped = [], EncodeStats(), []
     for example in examples:
         stats.total += 1
+        answered = not sampling or has_response(example)
+        example = example if answered else with_placeholder(example)
         student, s_cut, s_segments = encode_with_segments(example, student_tokenizer, template=template,
                                                            max_length=max_length)
         teacher, t_cut, t_segments = encode_with_segments(example, teacher_tokenizer, template=template,
@@ -104,11 +113,33 @@ def encode_cross(examples, student_tokenizer, teacher_tokenizer, *, template: st
                 raise AlignmentError(f"{example.source}: {exc}") from None
             skipped.append(f"{example.source}: {exc}")
             continue
-        features.append({**student, f"{TEACHER_VIEW}_input_ids": teacher["input_ids"],
-                         f"{TEACHER_VIEW}_labels": teacher["labels"], CHUNK_KEYS[0]: s_chunks,
-                         CHUNK_KEYS[1]: t_chunks})
+        feature = {**student, f"{TEACHER_VIEW}_input_ids": teacher["input_ids"],
+                   f"{TEACHER_VIEW}_labels": teacher["labels"], CHUNK_KEYS[0]: s_chunks, CHUNK_KEYS[1]: t_chunks}
+        if sampling:
+            feature = _with_prompt_lengths(feature, answered)
+            if feature is None:  # nothing before the answer to generate from
+                stats.dropped_no_target += 1
+                continue
+        features.append(feature)
         stats.sources.append(example.source)
     return features, stats, skipped
+
+
+def _with_prompt_lengths(feature: dict, answered: bool) -> dict | None:
+    """Where the final answer starts on each side; a prompt-only row is cut there (no labels, no chunks)."""
+    starts = {}
+    for prefix in ("", f"{TEACHER_VIEW}_"):
+        start = final_response_start(feature[f"{prefix}labels"])
+        if start == 0:
+            return None
+        starts[prefix] = start
+        if not answered:
+            chunk_key = CHUNK_KEYS[0] if not prefix else CHUNK_KEYS[1]
+            feature[f"{prefix}input_ids"] = feature[f"{prefix}input_ids"][:start]
+            feature[f"{prefix}labels"] = [IGNORE_INDEX] * start
+            feature[chunk_key] = [-1] * start
+    feature[PROMPT_LENGTH], feature[TEACHER_PROMPT_LENGTH] = starts[""], starts[f"{TEACHER_VIEW}_"]
+    return feature
 
 
 @dataclass
@@ -133,4 +164,7 @@ class CrossTokenizerCollator:
             out[f"{prefix}labels"] = pad([f[f"{prefix}labels"] for f in features], IGNORE_INDEX)
         for key in CHUNK_KEYS:
             out[key] = pad([f[key] for f in features], -1)
+        for key in (PROMPT_LENGTH, TEACHER_PROMPT_LENGTH):  # on-policy rows
+            if key in features[0]:
+                out[key] = torch.tensor([f[key] for f in features], dtype=torch.long)
         return out

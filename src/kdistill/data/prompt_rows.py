@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from kdistill.data.formatting import IGNORE_INDEX, EncodeStats, encode_examples
 from kdistill.data.records import Example
 
-__all__ = ["PROMPT_LENGTH", "encode_for_sampling", "has_response"]
+__all__ = ["PROMPT_LENGTH", "encode_for_sampling", "final_response_start", "has_response", "with_placeholder"]
 
 PROMPT_LENGTH = "prompt_length"
 _PLACEHOLDER = "x"
@@ -40,7 +40,8 @@ def has_response(example: Example) -> bool:
     raise ValueError(f"{example.source}: not a language-model row (kind {example.kind!r})")
 
 
-def _with_placeholder(example: Example) -> Example:
+def with_placeholder(example: Example) -> Example:
+    """A prompt-only row with a one-token placeholder answer (encoded, then cut before it)."""
     f = example.fields
     if example.kind == "alpaca":
         return Example("alpaca", {**f, "input": f.get("input") or "", "output": _PLACEHOLDER}, example.source)
@@ -50,7 +51,7 @@ def _with_placeholder(example: Example) -> Example:
     return Example("messages", {"messages": messages}, example.source)
 
 
-def _final_response_start(labels: list[int]) -> int:
+def final_response_start(labels: list[int]) -> int:
     """Index of the first label of the last run of trained labels."""
     end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     start = end
@@ -66,7 +67,7 @@ def encode_for_sampling(examples: Iterable[Example], tokenizer, *, is_encoder_de
     features, stats, prompt_only = [], EncodeStats(), []
     for example in examples:
         answered = has_response(example)
-        row = example if answered else _with_placeholder(example)
+        row = example if answered else with_placeholder(example)
         encoded, one = encode_examples([row], tokenizer, is_encoder_decoder=is_encoder_decoder, **encode)
         stats.total += 1
         stats.truncated += one.truncated
@@ -79,7 +80,7 @@ def encode_for_sampling(examples: Iterable[Example], tokenizer, *, is_encoder_de
             if not answered:
                 feature["labels"] = [IGNORE_INDEX]
         else:
-            start = _final_response_start(feature["labels"])
+            start = final_response_start(feature["labels"])
             if start == 0:  # nothing to generate from
                 stats.dropped_no_target += 1
                 continue

@@ -73,6 +73,7 @@ class CrossTokenizerKD(Objective):
     teacher_needs = frozenset({"tokens"})
     reads_logits = True
     cross_tokenizer = True
+    scores_samples = True  # on-policy answers are re-tokenised for the teacher (kdistill.data.cross_samples)
 
     def __init__(self, name, cfg):
         super().__init__(name, cfg)

@@ -11,6 +11,9 @@ step (all micro-batches, all processes), as off-policy steps are by the dataset'
   the other steps train on the teacher's answers instead of the dataset's responses.
 * Each answer's random stream is seeded by (run seed, step, who samples, the prompt's ids, its occurrence in the
   micro-batch), so samples do not depend on how the global batch is split over processes.
+* `rebatch` (optional) rewrites each sampled micro-batch before it is trained and returns counts that are logged as
+  shares of the answers: a cross-tokenizer run gives the answers to the teacher in its own tokens
+  (`kdistill.data.cross_samples`).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class OnPolicy:
     above it are never sampled (None: the whole output layer)."""
 
     def __init__(self, cfg, *, seed: int, stop_ids: tuple[int, ...], pad_id: int, encoder_decoder: bool = False,
-                 vocab_limit: int | None = None):
+                 vocab_limit: int | None = None, rebatch=None):
         if not stop_ids:
             raise ValueError("on-policy sampling needs at least one stop token id (the tokenizer has no EOS)")
         self.cfg = cfg
@@ -61,6 +64,7 @@ class OnPolicy:
                                      top_k=cfg.top_k, stop_ids=tuple(stop_ids), pad_id=pad_id,
                                      vocab_limit=vocab_limit)
         self.backend = BACKENDS[cfg.backend]()
+        self.rebatch = rebatch
         self._flips = (0, 0)  # (steps counted, on-policy among them): fraction() extends it
 
     def is_on_policy(self, step: int) -> bool:
@@ -89,15 +93,20 @@ class OnPolicy:
         else:
             return batches, {}
         start = time.perf_counter()
-        out, stats = [], SampleStats()
+        out, stats, counts = [], SampleStats(), Counter()
         for batch in batches:
             sampled, one = self._sample(batch, step, who, model, synced)
+            if self.rebatch is not None:
+                sampled, more = self.rebatch(batch, sampled)
+                counts.update(more)
             out.append(sampled)
             stats.add(one)
         seconds = time.perf_counter() - start
-        return out, {f"on_policy/{who}_answer_length": stats.tokens / max(stats.answers, 1),
-                     f"on_policy/{who}_truncated": stats.truncated / max(stats.answers, 1),
-                     "on_policy/generation_seconds": seconds}
+        answers = max(stats.answers, 1)
+        return out, {f"on_policy/{who}_answer_length": stats.tokens / answers,
+                     f"on_policy/{who}_truncated": stats.truncated / answers,
+                     "on_policy/generation_seconds": seconds,
+                     **{f"on_policy/{who}_{key}": n / answers for key, n in sorted(counts.items())}}
 
     def _sample(self, batch: dict, step: int, who: str, model, synced: bool) -> tuple[dict, SampleStats]:
         ids, mask, prompts = left_padded_prompts(batch, self.params.pad_id, self.encoder_decoder)

@@ -18,7 +18,8 @@ from kdistill.data import (LM_FORMATS, DataCollatorForDistillation, DataValidati
                            EncodeStats, encode_examples, load_examples, tokenize_texts)
 from kdistill.data.answer_stats import answer_stats, example_response, format_stats
 from kdistill.data.collators import TextFieldCollator
-from kdistill.data.cross_rows import CrossTokenizerCollator, encode_cross
+from kdistill.data.cross_rows import TEACHER_VIEW, CrossTokenizerCollator, encode_cross
+from kdistill.data.cross_samples import SampledAnswerAligner
 from kdistill.data.prompt_rows import encode_for_sampling, has_response
 from kdistill.models import (apply_lora, compare_tokenizers, is_encoder_decoder, kd_vocab_size, load_model,
                              load_tokenizer, save_student, shrink)
@@ -29,7 +30,7 @@ from kdistill.recipes.base import DataReport, ListDataset, Parts, Recipe, data_k
 from kdistill.teachers.cache_writer import warn_if_short_of_space, write_split
 from kdistill.teachers.live import LiveTeacher
 from kdistill.teachers.served import ServedTopK, TeacherServer
-from kdistill.teachers.topk_cache import CachedTeacherDataset, CachedTopK, TopKCollator, open_cache
+from kdistill.teachers.topk_cache import CachedTeacherDataset, CachedTopK, TopKCollator, open_cache, view_rows
 from kdistill.trainer import without_objective_parts
 
 __all__ = ["LMRecipe", "build_cache", "load_split"]
@@ -64,7 +65,9 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         raise DataValidationError([f"{wrong[0].source}: a {wrong[0].kind} row cannot train a language model "
                                    f"({len(wrong)} such row(s)); LM runs need alpaca, prompt/completion or messages "
                                    f"rows (embedding rows go with task: embedding)"])
-    _warn_if_degenerate(source, [ex for ex in loaded.examples if not sampling or has_response(ex)])
+    answered = [ex for ex in loaded.examples if not sampling or has_response(ex)]
+    if answered:  # prompt-only rows (on-policy) have no responses to judge
+        _warn_if_degenerate(source, answered)
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
     unaligned: list[str] = []
@@ -73,19 +76,21 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
             raise ConfigError("a cross-tokenizer objective aligns causal LMs only")
         rows, stats, unaligned = encode_cross(loaded.examples, tokenizer, teacher_tokenizer,
                                               template=cfg.data.template, max_length=cfg.data.max_length,
-                                              skip_invalid=cfg.data.skip_invalid)
+                                              skip_invalid=cfg.data.skip_invalid, sampling=sampling)
     elif sampling:
-        rows, stats, prompt_only = encode_for_sampling(loaded.examples, tokenizer, **encode)
+        rows, stats, _ = encode_for_sampling(loaded.examples, tokenizer, **encode)
+    elif any(c.uses_text_fields for c in _objective_classes(cfg)):
+        rows, stats = _encode_with_triplets(cfg, loaded.examples, tokenizer, source, split, encode)
+    else:
+        rows, stats = encode_examples(loaded.examples, tokenizer, **encode)
+    if sampling:
+        prompt_only = [ex.source for ex in loaded.examples if not has_response(ex)]
         if prompt_only and cfg.on_policy.lmbda < 1 and not cfg.on_policy.seq_kd:
             raise DataValidationError([f"{prompt_only[0]}: no response to train the off-policy steps on "
                                        f"(on_policy.lmbda is {cfg.on_policy.lmbda}, so {1 - cfg.on_policy.lmbda:.0%} "
                                        f"of the steps train on the dataset's responses; {len(prompt_only)} row(s) "
                                        "have none): give responses, set on_policy.seq_kd: true (the teacher "
                                        "answers) or on_policy.lmbda: 1"])
-    elif any(c.uses_text_fields for c in _objective_classes(cfg)):
-        rows, stats = _encode_with_triplets(cfg, loaded.examples, tokenizer, source, split, encode)
-    else:
-        rows, stats = encode_examples(loaded.examples, tokenizer, **encode)
     report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped) + unaligned,
                         truncated=stats.truncated, dropped_no_target=stats.dropped_no_target)
     if loaded.skipped:
@@ -195,10 +200,11 @@ class LMRecipe(Recipe):
                                              trust_remote_code=cfg.student.trust_remote_code)
         teacher_tokenizer = None
         cross = any(c.cross_tokenizer for c in _objective_classes(cfg))
-        if served and cross:  # the server scores the teacher's own tokens: its tokenizer is read locally
+        if (served or cached) and cross:  # the server / cache scores the teacher's own tokens: its tokenizer is read
             if not (cfg.teacher.tokenizer or cfg.teacher.name_or_path):
-                raise ConfigError("teacher.tokenizer: a cross-tokenizer objective with teacher.server needs the "
-                                  "teacher's tokenizer (a folder or hub id) to tokenise the rows its way")
+                raise ConfigError(f"teacher.tokenizer: a cross-tokenizer objective with "
+                                  f"{'teacher.server' if served else 'cache.dir'} needs the teacher's tokenizer (a "
+                                  "folder or hub id) to tokenise the rows its way")
             teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher.tokenizer")
         if has_teacher:
             _check_kinds(cfg, encoder_decoder)
@@ -226,11 +232,14 @@ class LMRecipe(Recipe):
             server.check(served_tokenizer)  # before any model loads: reachable, the model, k, the vocabulary
             source = ServedTopK(server)
         if cached:  # checked against the data and tokenizer before any model is loaded
-            train_ds = CachedTeacherDataset(train_ds, open_cache(cfg, "train", train_ds, tokenizer, encoder_decoder))
+            view, cached_tokenizer = (TEACHER_VIEW, teacher_tokenizer) if cross else ("", tokenizer)
+            train_ds = CachedTeacherDataset(train_ds, open_cache(cfg, "train", train_ds, cached_tokenizer,
+                                                                 encoder_decoder, view))
             if eval_ds is not None:
-                eval_ds = CachedTeacherDataset(eval_ds, open_cache(cfg, "eval", eval_ds, tokenizer, encoder_decoder))
+                eval_ds = CachedTeacherDataset(eval_ds, open_cache(cfg, "eval", eval_ds, cached_tokenizer,
+                                                                   encoder_decoder, view))
             collator = TopKCollator(collator)
-            source = CachedTopK(cfg.cache.temperature)
+            source = CachedTopK(cfg.cache.temperature, view)
 
         student = load_model(self._model_config(cfg, "student"), role="student")
         if cfg.student.layers:
@@ -249,10 +258,13 @@ class LMRecipe(Recipe):
                 objective.setup_tokenizers(tokenizer, teacher_tokenizer or tokenizer)
         on_policy = None
         if cfg.on_policy is not None:
-            on_policy = OnPolicy(cfg.on_policy, seed=cfg.seed, encoder_decoder=encoder_decoder, vocab_limit=kd_vocab,
-                                 stop_ids=stop_ids_for(tokenizer, student, cfg.on_policy.stop_at_turn_end),
+            stop_ids = stop_ids_for(tokenizer, student, cfg.on_policy.stop_at_turn_end)
+            # a cross-tokenizer run: the answers are given to the teacher in its tokens, aligned
+            rebatch = SampledAnswerAligner(tokenizer, teacher_tokenizer, stop_ids) if cross else None
+            on_policy = OnPolicy(cfg.on_policy, seed=cfg.seed, encoder_decoder=encoder_decoder,
+                                 vocab_limit=len(tokenizer) if cross else kd_vocab, stop_ids=stop_ids,
                                  pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                 else tokenizer.eos_token_id)
+                                 else tokenizer.eos_token_id, rebatch=rebatch)
         return Parts(tokenizer=tokenizer, student=student, objectives=objectives, train_dataset=train_ds,
                      eval_dataset=eval_ds, collator=collator, reports=reports, rows=rows, teacher=source,
                      teacher_model=teacher, kd_vocab=kd_vocab, chunking=dataclasses.asdict(cfg.chunked_loss),
@@ -279,29 +291,37 @@ def build_cache(cfg: RunConfig, progress: bool = True) -> dict[str, dict]:
                           "with missing: renormalize for another loss temperature")
     check_output_dir(cfg.cache.dir, "cache.dir")
     tokenizer = load_tokenizer(cfg.student, "student.name_or_path")
+    # a cross-tokenizer objective: the cache holds the teacher's own tokens (view "xt"), in its vocabulary
+    cross = any(c.cross_tokenizer for c in _objective_classes(cfg))
+    teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher.tokenizer" if cfg.teacher.tokenizer or served
+                                       else "teacher.name_or_path") if cross or not served else None
+    view, cached_tokenizer = (TEACHER_VIEW, teacher_tokenizer) if cross else ("", tokenizer)
     if served:
         encoder_decoder = is_encoder_decoder(cfg.student.name_or_path, "student.name_or_path",
                                              trust_remote_code=cfg.student.trust_remote_code)
         if encoder_decoder:
             raise ConfigError("teacher.server: a served teacher scores causal LMs only")
     else:
-        compare_tokenizers(load_tokenizer(cfg.teacher, "teacher.name_or_path"), tokenizer)
+        if not cross:
+            compare_tokenizers(teacher_tokenizer, tokenizer)
         encoder_decoder = is_encoder_decoder(cfg.teacher.name_or_path, "teacher.name_or_path",
                                              trust_remote_code=cfg.teacher.trust_remote_code)
     splits = [("train", cfg.data.train, cfg.data.split, cfg.data.limit)]
     if cfg.data.eval:
         splits.append(("eval", cfg.data.eval, cfg.data.eval_split, cfg.data.eval_limit))
-    datasets = {name: load_split(cfg, tokenizer, source, split, limit, encoder_decoder)[0]
+    datasets = {name: load_split(cfg, tokenizer, source, split, limit, encoder_decoder,
+                                 teacher_tokenizer if cross else None)[0]
                 for name, source, split, limit in splits}
-    warn_if_short_of_space(cfg, datasets)
+    warn_if_short_of_space(cfg, [view_rows(ds.rows, view) for ds in datasets.values()])
     if served:
-        vocab = kd_vocab_size(tokenizer, None, None)
+        vocab = kd_vocab_size(cached_tokenizer, None, None)
         teacher = TeacherServer(cfg.teacher.server, vocab=vocab, k=min(cfg.cache.k, vocab))
-        teacher.check(tokenizer)
+        teacher.check(cached_tokenizer)
     else:
         teacher = load_model(cfg.teacher, role="teacher")
         if getattr(teacher, "hf_device_map", None) is None:  # write_split's LiveTeacher freezes it where it is
             teacher.to("cuda" if torch.cuda.is_available() else "cpu")
-        vocab = kd_vocab_size(tokenizer, teacher, None)
-    return {name: write_split(cfg, teacher, tokenizer, datasets[name], name, source, encoder_decoder, vocab, progress)
+        vocab = kd_vocab_size(cached_tokenizer, teacher, None)
+    return {name: write_split(cfg, teacher, cached_tokenizer, datasets[name], name, source, encoder_decoder, vocab,
+                              progress, view=view)
             for name, source, _, _ in splits}

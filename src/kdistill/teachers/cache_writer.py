@@ -24,8 +24,8 @@ from kdistill.paths import free_bytes
 from kdistill.teachers.base import HiddenAndHead, TeacherQuery
 from kdistill.teachers.live import LiveTeacher
 from kdistill.teachers.served import ServedTopK, TeacherServer
-from kdistill.teachers.topk_cache import (CacheMismatchError, cache_meta, check_examples, example_hash,
-                                          trained_tokens)
+from kdistill.teachers.topk_cache import (CacheMismatchError, cache_meta, check_examples, example_hash, force_targets,
+                                          trained_tokens, view_rows)
 from kdistill.teachers.topk_codec import TopKCodec, reconstruction_kl
 from kdistill.teachers.topk_store import TopKStore
 from kdistill.teachers.topk_writer import TopKStoreWriter
@@ -35,10 +35,10 @@ __all__ = ["warn_if_short_of_space", "write_split"]
 logger = logging.getLogger(__name__)
 
 
-def warn_if_short_of_space(cfg, datasets) -> None:
+def warn_if_short_of_space(cfg, row_lists) -> None:
     """Log a warning when the cache's estimated size (trained tokens x record bytes, ids at 18 bits: enough for a
     262,144-entry vocabulary) exceeds the free space under cache.dir."""
-    tokens = sum(sum(1 for t in row["labels"] if t != -100) for ds in datasets.values() for row in ds.rows)
+    tokens = sum(sum(1 for t in row["labels"] if t != -100) for rows in row_lists for row in rows)
     needed = tokens * math.ceil(cfg.cache.k * (18 + cfg.cache.logprob_bits) / 8)
     free = free_bytes(cfg.cache.dir)
     if needed > free:
@@ -47,29 +47,30 @@ def warn_if_short_of_space(cfg, datasets) -> None:
                        cfg.cache.dir, needed / 2**30, tokens, cfg.cache.k, free / 2**30)
 
 
-def write_split(cfg, teacher, tokenizer, dataset, split, source, encoder_decoder, vocab, progress=True):
+def write_split(cfg, teacher, tokenizer, dataset, split, source, encoder_decoder, vocab, progress=True, view=""):
     """Write (or resume, or check if complete) cache.dir/<split> for one encoded dataset; returns its stats.
-    `teacher`: a model, or a `TeacherServer` (its top k are stored as they come; no reconstruction KL)."""
+    `teacher`: a model, or a `TeacherServer` (its top k are stored as they come; no reconstruction KL). `view`
+    "xt": cache the teacher's own tokens of a cross-tokenizer dataset (`tokenizer` is then the teacher's), with
+    each actual next token forced into the k (`kdistill.teachers.topk_cache.force_targets`)."""
     root = Path(cfg.cache.dir) / split
-    rows = dataset.rows
+    rows = view_rows(dataset.rows, view)
     hashes = [example_hash(r) for r in rows]
     codec = TopKCodec(vocab_size=vocab, k=min(cfg.cache.k, vocab), logprob_bits=cfg.cache.logprob_bits)
-    meta = cache_meta(cfg, tokenizer, split, source, encoder_decoder)
+    meta = cache_meta(cfg, tokenizer, split, source, encoder_decoder, view)
     try:
         writer = TopKStoreWriter(root, meta, codec, shard_bytes=cfg.cache.shard_mb * 2 ** 20)
     except ValueError as exc:  # a folder holding another cache (other settings): never mixed, never overwritten
         raise CacheMismatchError(str(exc)) from None
     with writer:
-        return _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encoder_decoder, vocab,
-                      split, progress)
+        return _write(cfg, teacher, tokenizer, rows, getattr(dataset, "sources", None), writer, root, codec, hashes,
+                      encoder_decoder, vocab, split, progress, forced=bool(view))
 
 
-def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encoder_decoder, vocab, split, progress):
-    rows = dataset.rows
+def _write(cfg, teacher, tokenizer, rows, sources, writer, root, codec, hashes, encoder_decoder, vocab, split,
+           progress, forced):
     start = writer.next_index
     if start:
-        check_examples(TopKStore(root), rows, hashes, getattr(dataset, "sources", None), encoder_decoder,
-                        upto=start, where=str(root))
+        check_examples(TopKStore(root), rows, hashes, sources, encoder_decoder, upto=start, where=str(root))
     if writer.complete:
         logger.info("%s: complete cache of %d examples, nothing to do", root, len(rows))
         return TopKStore(root).stats
@@ -95,10 +96,14 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
         batch = Batch.parse({k: v.to(device) for k, v in collator(chunk_rows).items()})
         query = TeacherQuery("", batch.views[""], batch, encoder_decoder)
         signal = live.tokens(query)
+        targets = query.targets[query.mask].cpu().numpy()  # (N,) each trained position's actual next token
         ids_parts, lp_parts = [], []
         if served:
-            ids_parts.append(signal.teacher.indices.numpy())
-            lp_parts.append(signal.teacher.logprobs.numpy())
+            ids_np, lp_np = signal.teacher.indices.numpy().copy(), signal.teacher.logprobs.numpy().copy()
+            if forced:
+                force_targets(ids_np, lp_np, targets, signal.target_logprobs.numpy())
+            ids_parts.append(ids_np)
+            lp_parts.append(lp_np)
             selected = signal.teacher.logprobs[:0]
             step = 1
         else:
@@ -116,6 +121,9 @@ def _write(cfg, teacher, tokenizer, dataset, writer, root, codec, hashes, encode
             logp = torch.log_softmax(logits.float() / temperature, dim=-1)   # (n, V)
             lp, ids = logp.topk(codec.k, dim=-1)
             ids_np, lp_np = ids.cpu().numpy(), lp.cpu().numpy()
+            if forced:
+                at = torch.as_tensor(targets[lo:lo + step], device=logp.device)
+                force_targets(ids_np, lp_np, at.cpu().numpy(), logp.gather(1, at[:, None])[:, 0].cpu().numpy())
             if kl_budget > 0:  # the KL of what training will read back: encoded then decoded
                 take = min(kl_budget, ids_np.shape[0])
                 dec_ids, dec_lp = codec.decode(codec.encode(ids_np[:take], lp_np[:take]), take)
