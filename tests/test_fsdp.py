@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -155,7 +156,8 @@ def test_sharded_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_resu
     resumes from it and ends with the student of a run that was never interrupted."""
     raw = _cfg(tiny_causal, alpaca_small, tmp_path, distributed={"strategy": "fsdp"},
                chunked_loss={"mode": "on", "chunk_size": 16})
-    raw["training"].update(max_steps=6, per_device_train_batch_size=2, save_strategy="steps", save_steps=2, seed=0)
+    # many small steps, a checkpoint every 3: the run is still training when the kill lands after checkpoint-3
+    raw["training"].update(max_steps=30, per_device_train_batch_size=2, save_strategy="steps", save_steps=3, seed=0)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(raw))
 
@@ -167,17 +169,23 @@ def test_sharded_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_resu
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command(killed), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=env, start_new_session=True)
+                            env=env)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (killed / "checkpoint-2" / "kdistill_fingerprint.json").exists():
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both training processes
+    while time.monotonic() < deadline and not (killed / "checkpoint-3" / "kdistill_fingerprint.json").exists():
+        time.sleep(0.01)
+    # the launcher, torchrun's agent and both training processes (torchrun starts its workers in their own sessions)
+    root = psutil.Process(proc.pid)
+    tree = [*root.children(recursive=True), root]
+    for process in tree:
+        process.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    psutil.wait_procs(tree, timeout=60)
     assert not (killed / "kdistill_summary.json").exists(), "the run finished before it could be killed"
-    _assert_sharded_checkpoint(killed / "checkpoint-2")
+    _assert_sharded_checkpoint(killed / "checkpoint-3")
+    assert not (killed / "checkpoint-30").exists(), "the run was killed after its last step"
     _run(command(killed))
     summary = json.loads((killed / "kdistill_summary.json").read_text())
-    assert summary["global_step"] == 6 and "checkpoint-" in summary["resumed_from"]
+    assert summary["global_step"] == 30 and "checkpoint-" in summary["resumed_from"]
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
