@@ -7,7 +7,8 @@ with `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo), ce 0.5 + kd 
 same config except `distributed.strategy`. At the end of the last optimizer step every process reports:
 
     teacher      bytes of the teacher's weights this process holds (its shards under fsdp)
-    student      bytes of the student's weights + gradients + Adam state this process holds (its shards under fsdp)
+    student      bytes of the student's weights + gradients (before the optimizer step) + Adam state this process
+                 holds (its shards under fsdp)
     peak RSS     the process's peak resident memory (VmHWM, /proc/self/status; torch has no CPU peak counter). It
                  includes loading: every process reads both models whole before sharding them
     RSS at end   resident memory at the end of the last step (VmRSS)
@@ -80,16 +81,21 @@ def worker(config: str, out: str) -> None:
     from kdistill.pipeline import prepare
 
     class Measure(TrainerCallback):
+        grad_bytes = 0
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            # the gradients exist between backward and the optimizer step (zeroed, set to None, before step end)
+            self.grad_bytes = sum(_local_bytes(p.grad) for p in model.parameters())
+
         def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
             if state.global_step != state.max_steps:
                 return
-            params = list(model.parameters())
             states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
             teacher = prepared.teacher
             figures = {
                 "rank": int(os.environ.get("RANK", "0")),
                 "teacher_bytes": sum(_local_bytes(p) for p in teacher.parameters()),
-                "student_bytes": sum(_local_bytes(p) + _local_bytes(p.grad) for p in params)
+                "student_bytes": sum(_local_bytes(p) for p in model.parameters()) + self.grad_bytes
                 + sum(_local_bytes(v) for v in states),
                 "peak_rss": _status("VmHWM"), "rss": _status("VmRSS"),
             }

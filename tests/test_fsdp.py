@@ -52,13 +52,15 @@ def test_fsdp_section_maps_onto_the_trainer_arguments(tiny_causal, alpaca_small,
 
 @pytest.mark.parametrize("change, message", [
     ({"distributed": {"strategy": "zero3"}}, "distributed.strategy"),
+    ({"distributed": {"strategy": "deepspeed"}}, "deepspeed is not supported.*use strategy: fsdp"),
+    ({"task": "embedding", "objectives": {"contrastive": {}}}, "task lm"),
     ({"lora": {"enabled": True}}, "lora.enabled is not supported"),
     ({"training": {"fsdp": "full_shard"}}, "remove training.fsdp"),
 ])
 def test_fsdp_refusals_name_the_setting(change, message, tiny_causal, alpaca_small, tmp_path):
     raw = _cfg(tiny_causal, alpaca_small, tmp_path, distributed={"strategy": "fsdp"})
     for key, value in change.items():
-        raw[key] = {**raw.get(key, {}), **value}
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
 

@@ -122,6 +122,8 @@ class DistillTrainer(Trainer):
         if (self.args.fsdp_plugin_args is not None and getattr(state, "fsdp_plugin", None) is None
                 and state.distributed_type == DistributedType.MULTI_CPU):
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if state.mixed_precision != "no":
+                state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
             state.distributed_type = DistributedType.FSDP
             self.is_fsdp_enabled = True
             logger.info("FSDP2 on CPU processes (gloo): accelerate's FSDP plugin enabled by kdistill")

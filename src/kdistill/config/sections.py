@@ -210,7 +210,8 @@ class DistributedConfig(Checked):
     only run forward: no gradients, no optimizer state, each layer resharded after its forward)."""
 
     strategy: str = option("ddp", "ddp: data parallel (whole models on every process); fsdp: FSDP2 sharding of the "
-                           "student and the live teacher.", ("ddp", "fsdp"))
+                           "student and the live teacher; deepspeed: refused (a ZeRO-3 teacher engine is not built: "
+                           "see the README).", ("ddp", "fsdp", "deepspeed"))
     layer_classes: list[str] | None = option(None, "fsdp: class names of the blocks that become one shard unit each "
                                              "(e.g. [Qwen2DecoderLayer]); default: each model's own "
                                              "_no_split_modules (its transformer block).")

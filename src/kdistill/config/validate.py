@@ -44,6 +44,11 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
         _check_server(cfg, source, lines or {})
     if cfg.on_policy is not None:
         _check_on_policy(cfg, source, lines or {})
+    if cfg.distributed.strategy == "deepspeed":
+        line = (lines or {}).get(("distributed", "strategy"))
+        raise ConfigError((f"{source}:{line}: " if line else f"{source}: ") + "distributed.strategy: deepspeed is not "
+                          "supported: kdistill does not build the teacher as a second, inference-only ZeRO-3 engine "
+                          "(DeepSpeed cannot run on the CPU machine it is tested on); use strategy: fsdp")
     if cfg.distributed.strategy == "fsdp":
         _check_fsdp(cfg, source, lines or {})
     chunk = cfg.chunked_loss.chunk_size
