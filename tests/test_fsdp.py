@@ -66,7 +66,7 @@ def test_fsdp_refusals_name_the_setting(change, message, tiny_causal, alpaca_sma
 
 
 # ------------------------------------------------------------------------------------ two processes (slow, gloo)
-def _launch(args, port, timeout=300, **popen):
+def _launch(args, port):
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     assert accelerate, "accelerate's launcher is installed with kdistill"
     # `accelerate launch --multi_gpu` starts the processes with torchrun; with no GPU they run on the CPU (gloo)
@@ -130,12 +130,14 @@ def test_two_sharded_processes_match_one_process(pair, chunked, request, alpaca_
 
 
 @pytest.mark.slow
-def test_two_sharded_processes_generate_in_step_on_policy(tiny_causal, alpaca_small, tmp_path):
+@pytest.mark.parametrize("sampler", ["student", "teacher"])
+def test_two_sharded_processes_generate_in_step_on_policy(sampler, tiny_causal, alpaca_small, tmp_path):
     """On-policy under FSDP2: answers of different lengths end at different decoding steps on the two processes;
-    the sharded student still generates in step with the other process (synced), nothing hangs, and the first step
-    equals one process's."""
+    the sharded student (or, seq_kd, the sharded teacher) still generates in step with the other process (synced),
+    nothing hangs, and the first step equals one process's."""
+    policy = {"max_new_tokens": 40} if sampler == "student" else {"max_new_tokens": 40, "lmbda": 0.0, "seq_kd": True}
     raw = _cfg(tiny_causal, alpaca_small, tmp_path, distributed={"strategy": "fsdp"},
-               on_policy={"max_new_tokens": 40}, objectives={"kd": {"divergence": "reverse_kl"}},
+               on_policy=policy, objectives={"kd": {"divergence": "reverse_kl"}},
                chunked_loss={"mode": "on", "chunk_size": 16})
     raw["training"].update(max_steps=1)
     config = tmp_path / "c.yaml"
@@ -144,10 +146,10 @@ def test_two_sharded_processes_generate_in_step_on_policy(tiny_causal, alpaca_sm
     _run([sys.executable, "-m", "kdistill.cli", "train", str(config), "--set", f"training.output_dir={one}"])
     two = tmp_path / "two"
     _run(_launch([str(config), "--set", f"training.output_dir={two}",
-                  "--set", "training.per_device_train_batch_size=2"], 29625), timeout=300)
+                  "--set", "training.per_device_train_batch_size=2"], 29625 + (sampler == "teacher")), timeout=300)
     a, b = _logs(one)[0], _logs(two)[0]
-    assert 0 < a["on_policy/student_truncated"] < 1
-    for key in ("loss", "grad_norm", "loss/kd", "kd/teacher_nll", "on_policy/student_answer_length"):
+    assert 0 < a[f"on_policy/{sampler}_truncated"] < 1
+    for key in ("loss", "grad_norm", "loss/kd", f"on_policy/{sampler}_answer_length"):
         assert b[key] == pytest.approx(a[key], rel=REL), (key, a[key], b[key])
 
 
