@@ -17,13 +17,14 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from kdistill.config import RunConfig, save_config, to_dict
+from kdistill.models.sharding import unsharded_copy
 from kdistill.paths import check_output_dir
 from kdistill.provenance import (FingerprintCallback, check_resume, clear_checkpoints, config_fingerprint,
                                  data_fingerprint, last_checkpoint)
 from kdistill.recipes import DataReport, Parts, Recipe, select_recipe
-from kdistill.trainer import DistillTrainer
+from kdistill.trainer import OBJECTIVE_PARTS, DistillTrainer
 
-__all__ = ["Prepared", "prepare", "run_training", "training_arguments"]
+__all__ = ["Prepared", "fsdp_arguments", "prepare", "run_training", "training_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,23 @@ def training_arguments(cfg: RunConfig):
         # without use_cpu, transformers would quietly run every process as an independent single-process job.
         kwargs["use_cpu"] = True
     kwargs.update(cfg.training)
+    kwargs.update(fsdp_arguments(cfg))
     return TrainingArguments(**kwargs)
+
+
+def fsdp_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """TrainingArguments' fsdp / fsdp_config for `distributed.strategy: fsdp` (FSDP2 through accelerate's plugin);
+    nothing for ddp or a one-process run (nothing to shard)."""
+    dist_cfg = cfg.distributed
+    if dist_cfg.strategy != "fsdp" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}
+    fsdp_config: dict[str, Any] = {
+        "version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "reshard_after_forward": dist_cfg.reshard_after_forward,
+        "state_dict_type": "SHARDED_STATE_DICT" if dist_cfg.checkpoint == "sharded" else "FULL_STATE_DICT"}
+    if dist_cfg.layer_classes:  # default: accelerate wraps the model's _no_split_modules
+        fsdp_config["transformer_layer_cls_to_wrap"] = list(dist_cfg.layer_classes)
+    return {"fsdp": True, "fsdp_config": fsdp_config}
 
 
 def _has_accelerator() -> bool:
@@ -78,8 +95,11 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     set_seed(cfg.seed)
     recipe = select_recipe(cfg)
     parts = recipe.build(cfg)
+    shard_teacher = ({"layer_classes": cfg.distributed.layer_classes}
+                     if cfg.distributed.strategy == "fsdp" and cfg.distributed.shard_teacher else None)
     trainer = DistillTrainer(model=parts.student, teacher=parts.teacher, objectives=parts.objectives,
                              kd_vocab=parts.kd_vocab, chunking=parts.chunking, on_policy=parts.on_policy,
+                             shard_teacher=shard_teacher,
                              args=training_arguments(cfg),
                              train_dataset=parts.train_dataset, eval_dataset=parts.eval_dataset,
                              data_collator=parts.collator, processing_class=parts.tokenizer, callbacks=callbacks)
@@ -113,10 +133,14 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
     trainer.add_callback(FingerprintCallback(fingerprint))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     evaluation = None
+    student = trainer.model
+    if trainer.is_fsdp_enabled:  # every process sends its shards; process 0 saves and evaluates an ordinary model
+        student = unsharded_copy(trainer.model, skip_prefixes=(f"{OBJECTIVE_PARTS}.",))
+        student = student.to(trainer.args.device) if student is not None else None
     if trainer.is_world_process_zero():
-        prepared.recipe.save(cfg, prepared.parts, trainer.model, output_dir)
+        prepared.recipe.save(cfg, prepared.parts, student, output_dir)
         save_config(cfg, output_dir)
-        evaluation = prepared.recipe.evaluate(cfg, prepared.parts, trainer.model)
+        evaluation = prepared.recipe.evaluate(cfg, prepared.parts, student)
     summary = {
         "output_dir": output_dir,
         "global_step": result.global_step,

@@ -19,7 +19,12 @@ checkpoints/resume and `report_to` (wandb, tensorboard) work as users know them.
   output layer bypassed, so their forward returns the final hidden states, and `ce`/`kd` project them to the
   vocabulary a chunk of positions at a time (`kdistill.losses.chunked`): no (tokens x V) logits, forward or
   backward. `resolve_chunking` decides, and checks on a probe input that the model's logits really are
-  `hidden @ W.T + b` (soft-capping, logit scales or a LoRA-wrapped lm_head make it fall back to dense logits).
+  `hidden @ W.T + b` (soft-capping, logit scales or a LoRA-wrapped lm_head make it fall back to dense logits);
+* FSDP2 sharding (`distributed.strategy: fsdp`, TrainingArguments' fsdp_config): the student is sharded by
+  accelerate's FSDP plugin (enabled here on CPU too, where accelerate would silently train data parallel), a live
+  teacher by `kdistill.models.sharding.shard_for_inference`; the chunked losses keep working: the student's root
+  unit (embeddings, output layer) stays gathered from forward to backward, so the output layer is gathered once
+  per forward and its gradient is reduce-scattered by FSDP.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import OffloadPolicy
 from transformers import Trainer
 
 from kdistill.batch import Batch, Counts, TextField, TokenView
 from kdistill.embedder import Embedder
 from kdistill.models.heads import (OutputHead, align_positions, base_model, chunking_problem, lm_model_inputs,
                                    output_layer, output_layer_bypassed)
+from kdistill.models.sharding import shard_model
 from kdistill.objectives import Objective, StepBatch
 from kdistill.onpolicy import OnPolicy
 from kdistill.pooling import pool
@@ -65,10 +73,12 @@ class DistillTrainer(Trainer):
     def __init__(self, model=None, args=None, *rest, teacher: TeacherSource | torch.nn.Module | None = None,
                  objectives: dict[str, tuple[Objective, float]] | None = None,
                  kd_vocab: int | None = None, chunking: dict | None = None, on_policy: OnPolicy | None = None,
-                 **kwargs):
+                 shard_teacher: dict | None = None, **kwargs):
         """teacher: a `kdistill.teachers` source, or a model (then a `LiveTeacher`). chunking: {"mode": "auto" |
         "on" | "off", "chunk_size": int | "auto", "min_vocab": int} (see `resolve_chunking`; default off).
-        on_policy: samples the answers of on-policy steps (`kdistill.onpolicy.OnPolicy`), or None."""
+        on_policy: samples the answers of on-policy steps (`kdistill.onpolicy.OnPolicy`), or None.
+        shard_teacher: {"layer_classes": [...] | None}: under FSDP, a live teacher is sharded over the processes
+        too (`LiveTeacher.place`); ignored without FSDP."""
         if not objectives:
             raise ValueError("DistillTrainer needs at least one objective")
         if isinstance(teacher, torch.nn.Module):
@@ -88,7 +98,12 @@ class DistillTrainer(Trainer):
         self.on_policy = on_policy
         config = self.accelerator.unwrap_model(self.model).config
         self.is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-        if teacher is not None:
+        fsdp2 = self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2
+        if fsdp2:
+            self._shard_student()
+        if isinstance(teacher, LiveTeacher) and fsdp2 and shard_teacher is not None:
+            teacher.place(self.args.device, shard=shard_teacher)
+        elif teacher is not None:
             teacher.place(self.args.device)
         self.chunk_size = self.resolve_chunking(chunking or {"mode": "off"})
         if teacher is not None:
@@ -97,6 +112,35 @@ class DistillTrainer(Trainer):
         # key -> [sum, calls, optimizer steps that recorded it]
         self._terms: dict[str, dict[str, list]] = {"train": defaultdict(lambda: [0.0, 0, set()]),
                                                    "eval": defaultdict(lambda: [0.0, 0, set()])}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """As the Trainer does, and FSDP on CPU: accelerate enables its FSDP plugin only for accelerator devices and
+        on CPU processes (gloo) would quietly train data parallel instead; FSDP2 itself runs there, so the plugin
+        is switched on (a logged, deliberate deviation from accelerate, used by the CPU tests and benchmarks)."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if (self.args.fsdp_plugin_args is not None and getattr(state, "fsdp_plugin", None) is None
+                and state.distributed_type == DistributedType.MULTI_CPU):
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if state.mixed_precision != "no":
+                state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+            logger.info("FSDP2 on CPU processes (gloo): accelerate's FSDP plugin enabled by kdistill")
+
+    def _shard_student(self) -> None:
+        """FSDP2: shard the student here, with the plugin's settings, before accelerate's `prepare` would (it takes
+        an already sharded model as it is). Its root unit (embeddings, output layer) stays gathered from forward to
+        backward: the chunked losses read the whole output layer after the forward, and FSDP reduce-scatters its
+        gradient (`kdistill.models.sharding.shard_model`)."""
+        plugin = self.accelerator.state.fsdp_plugin
+        names = plugin.transformer_cls_names_to_wrap
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",") if n.strip()]
+        offload = plugin.cpu_offload if isinstance(plugin.cpu_offload, OffloadPolicy) else None
+        shard_model(self.model, self.args.device, names, reshard_after_forward=bool(plugin.reshard_after_forward),
+                    root_reshard_after_forward=False, mp_policy=plugin.mixed_precision_policy,
+                    offload_policy=offload)
 
     @staticmethod
     def _attach_objective_parts(model, objectives) -> None:
@@ -124,9 +168,10 @@ class DistillTrainer(Trainer):
         `kdistill.losses.chunked.auto_chunk_size`), or None for dense logits.
 
         mode "off": dense. "on": chunked, or an error saying why it cannot be. "auto": chunked when an objective
-        reads logits (ce, kd), the vocabulary has at least `min_vocab` entries, weights are not sharded
-        (FSDP / DeepSpeed) and `chunking_problem` finds nothing for the student (and a live teacher model whose
-        logits an objective reads); otherwise dense, with the reason logged."""
+        reads logits (ce, kd), the vocabulary has at least `min_vocab` entries, weights are not partitioned by
+        DeepSpeed and `chunking_problem` finds nothing for the student (and a live teacher model whose logits an
+        objective reads); otherwise dense, with the reason logged. FSDP2 is no reason for dense logits (see
+        `_shard_student`); the probe then runs on the sharded models, on every process."""
         mode = chunking.get("mode", "auto")
         if mode == "off":
             return None
@@ -137,8 +182,10 @@ class DistillTrainer(Trainer):
             "tokens" in o.teacher_needs for o in objectives) else None
         if not any(o.reads_logits for o in objectives):
             reason = "no objective reads logits"
-        elif self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            reason = "weights are sharded (FSDP / DeepSpeed): the output layer is not available whole"
+        elif self.is_deepspeed_enabled:
+            reason = "weights are partitioned by DeepSpeed: the output layer is not available whole"
+        elif self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
+            reason = "FSDP1 flattens the weights: the output layer is not available whole (use FSDP2)"
         elif mode == "auto" and (self.kd_vocab or output_layer(student).weight.shape[0]) < chunking["min_vocab"]:
             reason = f"the vocabulary is smaller than chunked_loss.min_vocab={chunking['min_vocab']}"
         else:

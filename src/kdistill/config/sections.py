@@ -10,6 +10,7 @@ Sections:
     objectives  name -> settings; the total loss is sum(weight * objective)
     lora        optional LoRA adapters on the student (peft)
     on_policy   optional: the student generates, the teacher scores (GKD / on-policy distillation)
+    distributed how several processes share the work: data parallel (ddp) or FSDP2 sharding (fsdp)
     training    any `transformers.TrainingArguments` field (output_dir, learning_rate, ...)
 """
 
@@ -23,7 +24,7 @@ from kdistill.objectives import ObjectiveConfig
 from kdistill.objectives.ce import CrossEntropyConfig
 from kdistill.objectives.kd import LogitKDConfig
 
-__all__ = ["CONFIG_FILENAME", "CacheConfig", "ChunkedLossConfig", "DataConfig", "EmbeddingConfig", "LoraConfig",
+__all__ = ["CONFIG_FILENAME", "CacheConfig", "ChunkedLossConfig", "DataConfig", "DistributedConfig", "EmbeddingConfig", "LoraConfig",
            "ModelConfig", "OnPolicyConfig", "RunConfig", "ServerConfig", "StepByStepConfig", "TeacherConfig",
            "default_objectives"]
 
@@ -201,6 +202,30 @@ class OnPolicyConfig(Checked):
                                     "<|eot_id|>, ...) when it differs from EOS.")
 
 
+@dataclass
+class DistributedConfig(Checked):
+    """How the processes of a multi-process launch (`accelerate launch`, `torchrun`) share the work. One process
+    ignores it. ddp: every process holds the whole student and teacher. fsdp: FSDP2 (`fully_shard`): the student's
+    parameters, gradients and optimizer state are split over the processes, and a live teacher's weights too (it is
+    only run forward: no gradients, no optimizer state, each layer resharded after its forward)."""
+
+    strategy: str = option("ddp", "ddp: data parallel (whole models on every process); fsdp: FSDP2 sharding of the "
+                           "student and the live teacher; deepspeed: refused (a ZeRO-3 teacher engine is not built: "
+                           "see the README).", ("ddp", "fsdp", "deepspeed"))
+    layer_classes: list[str] | None = option(None, "fsdp: class names of the blocks that become one shard unit each "
+                                             "(e.g. [Qwen2DecoderLayer]); default: each model's own "
+                                             "_no_split_modules (its transformer block).")
+    shard_teacher: bool = option(True, "fsdp: shard the live teacher over the processes too (false: every process "
+                                 "holds the whole teacher, as with ddp).")
+    reshard_after_forward: bool = option(True, "fsdp: free each student block's gathered weights after its forward "
+                                         "and gather them again for backward (less memory, one more all-gather "
+                                         "per block); false keeps them until backward.")
+    checkpoint: str = option("sharded", "fsdp: how checkpoint-* folders hold the weights and optimizer state: "
+                             "sharded (each process writes its own part, torch.distributed.checkpoint) or full "
+                             "(gathered into one file). The exported student is always one save_pretrained folder.",
+                             ("sharded", "full"))
+
+
 def default_objectives() -> dict[str, ObjectiveConfig]:
     """ce 0.5 + kd (forward KL) 0.5: what a run without an `objectives` section trains."""
     return {"ce": CrossEntropyConfig(type="ce", weight=0.5), "kd": LogitKDConfig(type="kd", weight=0.5)}
@@ -232,6 +257,8 @@ class RunConfig(Checked):
     chunked_loss: ChunkedLossConfig = option(help="Memory-efficient ce/kd for large vocabularies.",
                                              factory=ChunkedLossConfig)
     cache: CacheConfig = option(help="Top-k teacher cache (kdistill cache).", factory=CacheConfig)
+    distributed: DistributedConfig = option(help="Multi-process training: ddp or FSDP2 sharding (fsdp).",
+                                            factory=DistributedConfig)
     training: dict[str, Any] = option(
         help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",
         factory=_default_training)

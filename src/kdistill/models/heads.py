@@ -9,6 +9,8 @@ from typing import Any, Iterator
 
 import torch
 
+from kdistill.models.sharding import full_weight
+
 
 @dataclass
 class OutputHead:
@@ -97,9 +99,11 @@ def chunking_problem(model, encoder_decoder: bool) -> str | None:
                 hidden = model(**inputs).logits
     finally:
         model.train(was_training)
-    if hidden.shape[-1] != head.weight.shape[1]:
+    weight = full_weight(head.weight.detach())  # a sharded model (FSDP) runs the probe on every process
+    bias = None if head.bias is None else full_weight(head.bias.detach())
+    if hidden.shape[-1] != weight.shape[1]:
         return "its forward changes the output layer's input or output (not hidden @ W.T + b)"
-    expected = torch.nn.functional.linear(hidden.to(head.weight.dtype), head.weight, head.bias).float()
+    expected = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
     tolerance = 1e-3 * float(expected.abs().max().clamp(min=1.0))
     if logits.shape != expected.shape or not torch.allclose(logits.float(), expected, rtol=1e-3, atol=tolerance):
         return ("its logits are not hidden @ lm_head.weight.T (+ bias): the forward transforms them after the "

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from kdistill.models.heads import OutputHead, align_positions, lm_model_inputs, output_layer, output_layer_bypassed
+from kdistill.models.sharding import full_weight, is_sharded, shard_for_inference
 from kdistill.teachers.base import DenseLogits, HiddenAndHead, TeacherQuery, TeacherSource
 
 __all__ = ["LiveTeacher"]
@@ -16,7 +17,10 @@ class LiveTeacher(TeacherSource):
     """A teacher model in memory (eval mode, no grad), placed on the student's device unless it was loaded with
     a device map. Dense mode gives (B, T, V) logits; chunked mode runs it with the output layer bypassed and gives
     its final hidden states with the output layer (copied once to the student's device), so no (tokens x V)
-    tensor is made. Hidden states / attention maps are requested only when an objective reads them."""
+    tensor is made. Hidden states / attention maps are requested only when an objective reads them.
+
+    Sharded (`place(..., shard=...)`, FSDP2 training): every process holds 1/N of the weights, gathered one block
+    at a time during the forward; the chunked losses' output layer is gathered whole once per query."""
 
     name = "live teacher model"
     provides = frozenset({"tokens", "hidden_states", "attentions"})
@@ -28,10 +32,17 @@ class LiveTeacher(TeacherSource):
         self.extra_outputs: frozenset[str] = frozenset()
         self._head: OutputHead | None = None
 
-    def place(self, device):
+    def place(self, device, shard: dict | None = None):
+        """Eval mode, frozen, on `device`. shard: {"layer_classes": [...] | None} splits the weights over the
+        processes of the default process group (`kdistill.models.sharding.shard_for_inference`)."""
         self.model.eval()
         self.model.requires_grad_(False)
-        if getattr(self.model, "hf_device_map", None) is None:
+        if shard is not None and not is_sharded(self.model):
+            if getattr(self.model, "hf_device_map", None) is not None:
+                raise ValueError("a teacher loaded with a device_map cannot also be sharded: drop teacher.device_map "
+                                 "or set distributed.shard_teacher: false")
+            shard_for_inference(self.model, device, shard.get("layer_classes"))
+        elif getattr(self.model, "hf_device_map", None) is None:
             self.model.to(device)
 
     def setup(self, *, encoder_decoder, chunked, outputs=frozenset()):
@@ -41,7 +52,12 @@ class LiveTeacher(TeacherSource):
         self._head = None
 
     def head(self, device: torch.device) -> OutputHead:
-        """The output layer as tensors on `device` (frozen: copied once)."""
+        """The output layer as tensors on `device` (frozen: copied once; sharded: gathered on every call)."""
+        if is_sharded(self.model):
+            layer = output_layer(self.model)
+            with torch.no_grad():
+                bias = None if layer.bias is None else full_weight(layer.bias).to(device)
+                return OutputHead(full_weight(layer.weight).to(device), bias)
         if self._head is None or self._head.weight.device != device:
             layer = output_layer(self.model)
             bias = None if layer.bias is None else layer.bias.detach().to(device)
@@ -64,7 +80,7 @@ class LiveTeacher(TeacherSource):
     def tokens(self, query):
         _, aligned = self.run(query)
         if self.chunked:
-            return HiddenAndHead(aligned, self.head(aligned.device))
+            return HiddenAndHead(aligned, query.once("live_teacher_head", lambda: self.head(aligned.device)))
         return DenseLogits(aligned)
 
     def outputs(self, query):
