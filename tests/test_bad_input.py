@@ -637,6 +637,29 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(mod
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
 
 
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_an_extra_step(tiny_causal, alpaca_small, tmp_path):
+    """The last checkpoint is written at max_steps, the export never happened: the rerun exports the checkpoint's
+    student and trains no step beyond max_steps (transformers 5.24's loop alone would train one more)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import run_config
+    from kdistill.config import config_from_dict
+    from kdistill.pipeline import run_training
+
+    raw = run_config(tiny_causal["teacher"], tiny_causal["student"], alpaca_small, tmp_path / "out", max_steps=2,
+                     save_strategy="steps", save_steps=1)
+    first = run_training(config_from_dict(raw), resume=False)
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    (tmp_path / "out" / "model.safetensors").unlink()  # as if killed after checkpoint-2, before the export
+    second = run_training(config_from_dict(raw))
+    assert first["global_step"] == second["global_step"] == 2 and second["resumed_from"].endswith("checkpoint-2")
+    assert [e["step"] for e in second["log_history"] if "loss" in e] == [1, 2]  # the checkpoint's, none new
+    again = load_file(tmp_path / "out" / "model.safetensors")
+    for name in exported:
+        torch.testing.assert_close(again[name], exported[name], atol=0, rtol=0)
+
+
 def test_resume_passes_over_a_checkpoint_killed_while_it_was_saved(tmp_path, caplog):
     """The fingerprint is a checkpoint's last file: a newer folder without one, next to an older one with one, is a
     save cut short by the kill, and resuming continues from the older, complete checkpoint."""

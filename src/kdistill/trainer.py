@@ -215,7 +215,14 @@ class DistillTrainer(Trainer):
         return batch.counts(self.is_encoder_decoder, self._stacks())
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
-        """An optimizer step's micro-batches (on-policy steps: their sampled answers) and their global counts."""
+        """An optimizer step's micro-batches (on-policy steps: their sampled answers) and their global counts.
+
+        None when the run already reached max_steps: resuming from a checkpoint written at the last step (a run
+        killed before its export) would otherwise train one step more than max_steps (transformers 5.24's loop
+        fetches a step before it checks the count); the step is not taken and training stops."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
         batches = []
         for _ in range(num_batches):
             try:
