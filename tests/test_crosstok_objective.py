@@ -342,3 +342,24 @@ def test_prompt_only_rows_are_cut_before_the_answer_on_both_sides(other_vocab_te
             assert cut[length] == full[length] == len(cut[f"{prefix}input_ids"])
             assert cut[f"{prefix}input_ids"] == full[f"{prefix}input_ids"][:full[length]]
             assert set(cut[f"{prefix}labels"]) == {-100}
+
+
+def test_on_policy_answers_scored_by_a_served_teacher_equal_the_loaded_teacher(other_vocab_teacher, tiny_causal,
+                                                                              alpaca_small, tmp_path):
+    from test_served_teacher import Served
+
+    local = _on_policy_prepared(other_vocab_teacher, tiny_causal["student"], alpaca_small, tmp_path / "local")
+    batch = local.trainer.data_collator([local.trainer.train_dataset[i] for i in range(4)])
+    (sampled,), _ = local.trainer.on_policy.prepare([dict(batch)], 0, local.student)
+    local.student.eval()
+    with torch.no_grad():
+        expected = float(local.trainer.compute_loss(local.student, dict(sampled)))
+    with Served(other_vocab_teacher) as server:
+        raw = _on_policy_config(None, tiny_causal["student"], alpaca_small, tmp_path / "served")
+        raw["data"]["max_length"] = 128
+        raw["teacher"] = {"tokenizer": other_vocab_teacher,
+                          "server": {"url": server.url, "model": "teacher", "top_k": 4, "max_retries": 1}}
+        served = prepare(config_from_dict(raw))
+        with torch.no_grad():
+            got = float(served.trainer.compute_loss(local.student, dict(sampled)))
+    assert got == pytest.approx(expected, rel=1e-4)
