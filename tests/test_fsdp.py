@@ -52,7 +52,6 @@ def test_fsdp_section_maps_onto_the_trainer_arguments(tiny_causal, alpaca_small,
 
 @pytest.mark.parametrize("change, message", [
     ({"distributed": {"strategy": "zero3"}}, "distributed.strategy"),
-    ({"distributed": {"strategy": "deepspeed"}}, "deepspeed is not supported.*use strategy: fsdp"),
     ({"task": "embedding", "objectives": {"contrastive": {}}}, "task lm"),
     ({"lora": {"enabled": True}}, "lora.enabled is not supported"),
     ({"training": {"fsdp": "full_shard"}}, "remove training.fsdp"),

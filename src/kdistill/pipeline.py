@@ -17,14 +17,16 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from kdistill.config import RunConfig, save_config, to_dict
+from kdistill.errors import ConfigError, UserError
 from kdistill.models.sharding import unsharded_copy
+from kdistill.models.zero import cpu_process_state, import_problem, stage3_config, unpartitioned_copy
 from kdistill.paths import check_output_dir
 from kdistill.provenance import (FingerprintCallback, check_resume, clear_checkpoints, config_fingerprint,
                                  data_fingerprint, last_checkpoint)
 from kdistill.recipes import DataReport, Parts, Recipe, select_recipe
 from kdistill.trainer import OBJECTIVE_PARTS, DistillTrainer
 
-__all__ = ["Prepared", "fsdp_arguments", "prepare", "run_training", "training_arguments"]
+__all__ = ["Prepared", "deepspeed_arguments", "fsdp_arguments", "prepare", "run_training", "training_arguments"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +36,19 @@ def training_arguments(cfg: RunConfig):
                               "label_names": ["labels"],
                               # pinned host memory only helps when batches are copied to a GPU
                               "dataloader_pin_memory": torch.cuda.is_available()}
-    if not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    deepspeed = deepspeed_arguments(cfg)
+    if not _has_accelerator() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not deepspeed:
         # A multi-process launch (torchrun, `accelerate launch --multi_gpu`) on a machine with no accelerator:
         # without use_cpu, transformers would quietly run every process as an independent single-process job.
         kwargs["use_cpu"] = True
     kwargs.update(cfg.training)
     kwargs.update(fsdp_arguments(cfg))
+    kwargs.update(deepspeed)
+    if deepspeed and not _has_accelerator():
+        # DeepSpeed on CPU processes (gloo): the process state is set up here, where every process is counted
+        cpu_process_state()
+        given = kwargs.get("accelerator_config")
+        kwargs["accelerator_config"] = {**(given if isinstance(given, dict) else {}), "use_configured_state": True}
     return TrainingArguments(**kwargs)
 
 
@@ -56,6 +65,29 @@ def fsdp_arguments(cfg: RunConfig) -> dict[str, Any]:
     if dist_cfg.layer_classes:  # default: accelerate wraps the model's _no_split_modules
         fsdp_config["transformer_layer_cls_to_wrap"] = list(dist_cfg.layer_classes)
     return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def deepspeed_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """TrainingArguments' deepspeed (a ZeRO-3 config dict) for `distributed.strategy: deepspeed`: the user's
+    `distributed.deepspeed_config` file or the generated stage-3 config (`kdistill.models.zero.stage3_config`);
+    nothing for another strategy or a one-process run."""
+    dist_cfg = cfg.distributed
+    if dist_cfg.strategy != "deepspeed" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return {}
+    missing = import_problem()
+    if missing:
+        raise UserError(f"distributed.strategy: deepspeed needs the deepspeed package ({missing}); "
+                        "pip install deepspeed, or use strategy: fsdp")
+    try:
+        config = stage3_config(dist_cfg.deepspeed_config)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"distributed.deepspeed_config: cannot read {dist_cfg.deepspeed_config} as JSON "
+                          f"({error})") from None
+    stage = config.get("zero_optimization", {}).get("stage") if isinstance(config, dict) else None
+    if stage != 3:
+        raise ConfigError(f"distributed.deepspeed_config: {dist_cfg.deepspeed_config} sets zero_optimization.stage "
+                          f"{stage}; the teacher engine and the export are written for stage 3")
+    return {"deepspeed": config}
 
 
 def _has_accelerator() -> bool:
@@ -96,7 +128,7 @@ def prepare(cfg: RunConfig, callbacks: list | None = None) -> Prepared:
     recipe = select_recipe(cfg)
     parts = recipe.build(cfg)
     shard_teacher = ({"layer_classes": cfg.distributed.layer_classes}
-                     if cfg.distributed.strategy == "fsdp" and cfg.distributed.shard_teacher else None)
+                     if cfg.distributed.strategy in ("fsdp", "deepspeed") and cfg.distributed.shard_teacher else None)
     trainer = DistillTrainer(model=parts.student, teacher=parts.teacher, objectives=parts.objectives,
                              kd_vocab=parts.kd_vocab, chunking=parts.chunking, on_policy=parts.on_policy,
                              shard_teacher=shard_teacher,
@@ -136,6 +168,10 @@ def run_training(cfg: RunConfig, callbacks: list | None = None, resume: bool = T
     student = trainer.model
     if trainer.is_fsdp_enabled:  # every process sends its shards; process 0 saves and evaluates an ordinary model
         student = unsharded_copy(trainer.model, skip_prefixes=(f"{OBJECTIVE_PARTS}.",))
+        student = student.to(trainer.args.device) if student is not None else None
+    elif trainer.is_deepspeed_enabled:  # ZeRO-3: every process sends its partitions, one parameter at a time
+        student = unpartitioned_copy(trainer.accelerator.unwrap_model(trainer.model),
+                                     skip_prefixes=(f"{OBJECTIVE_PARTS}.",))
         student = student.to(trainer.args.device) if student is not None else None
     if trainer.is_world_process_zero():
         prepared.recipe.save(cfg, prepared.parts, student, output_dir)

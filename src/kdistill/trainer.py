@@ -25,13 +25,17 @@ checkpoints/resume and `report_to` (wandb, tensorboard) work as users know them.
   teacher by `kdistill.models.sharding.shard_for_inference`; the chunked losses keep working: the student's root
   unit (embeddings, output layer) stays gathered from forward to backward, so the output layer is gathered once
   per forward and its gradient is reduce-scattered by FSDP.
+* DeepSpeed ZeRO-3 (`distributed.strategy: deepspeed`, TrainingArguments' deepspeed): the student through the
+  Trainer's DeepSpeed integration, a live teacher as a second, inference-only engine with the same stage-3 config;
+  chunked losses gather the student's partitioned output layer once per forward, after it, and hold it whole until
+  that micro-batch's backward has reduce-scattered its gradient (`_holding`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
@@ -44,6 +48,7 @@ from kdistill.embedder import Embedder
 from kdistill.models.heads import (OutputHead, align_positions, base_model, chunking_problem, lm_model_inputs,
                                    output_layer, output_layer_bypassed)
 from kdistill.models.sharding import shard_model
+from kdistill.models.zero import gathered, is_partitioned
 from kdistill.objectives import Objective, StepBatch
 from kdistill.onpolicy import OnPolicy
 from kdistill.pooling import pool
@@ -78,7 +83,8 @@ class DistillTrainer(Trainer):
         "on" | "off", "chunk_size": int | "auto", "min_vocab": int} (see `resolve_chunking`; default off).
         on_policy: samples the answers of on-policy steps (`kdistill.onpolicy.OnPolicy`), or None.
         shard_teacher: {"layer_classes": [...] | None}: under FSDP, a live teacher is sharded over the processes
-        too (`LiveTeacher.place`); ignored without FSDP."""
+        too (`LiveTeacher.place`); under DeepSpeed ZeRO-3 it becomes an inference-only engine with the student's
+        stage-3 config; ignored otherwise."""
         if not objectives:
             raise ValueError("DistillTrainer needs at least one objective")
         if isinstance(teacher, torch.nn.Module):
@@ -101,8 +107,12 @@ class DistillTrainer(Trainer):
         fsdp2 = self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 2
         if fsdp2:
             self._shard_student()
+        self._held: ExitStack | None = None  # the student's gathered output layer (ZeRO-3, chunked losses)
+        self._held_whole = False
         if isinstance(teacher, LiveTeacher) and fsdp2 and shard_teacher is not None:
             teacher.place(self.args.device, shard=shard_teacher)
+        elif isinstance(teacher, LiveTeacher) and self.is_deepspeed_enabled and shard_teacher is not None:
+            teacher.place(self.args.device, zero=self.accelerator.state.deepspeed_plugin.deepspeed_config)
         elif teacher is not None:
             teacher.place(self.args.device)
         self.chunk_size = self.resolve_chunking(chunking or {"mode": "off"})
@@ -168,10 +178,10 @@ class DistillTrainer(Trainer):
         `kdistill.losses.chunked.auto_chunk_size`), or None for dense logits.
 
         mode "off": dense. "on": chunked, or an error saying why it cannot be. "auto": chunked when an objective
-        reads logits (ce, kd), the vocabulary has at least `min_vocab` entries, weights are not partitioned by
-        DeepSpeed and `chunking_problem` finds nothing for the student (and a live teacher model whose logits an
-        objective reads); otherwise dense, with the reason logged. FSDP2 is no reason for dense logits (see
-        `_shard_student`); the probe then runs on the sharded models, on every process."""
+        reads logits (ce, kd), the vocabulary has at least `min_vocab` entries and `chunking_problem` finds nothing
+        for the student (and a live teacher model whose logits an objective reads); otherwise dense, with the reason
+        logged. FSDP2 is no reason for dense logits (see `_shard_student`), nor is ZeRO-3 (see `_holding`); the
+        probe then runs on the sharded models, on every process."""
         mode = chunking.get("mode", "auto")
         if mode == "off":
             return None
@@ -182,11 +192,9 @@ class DistillTrainer(Trainer):
             "tokens" in o.teacher_needs for o in objectives) else None
         if not any(o.reads_logits for o in objectives):
             reason = "no objective reads logits"
-        elif self.is_deepspeed_enabled:
-            reason = "weights are partitioned by DeepSpeed: the output layer is not available whole"
         elif self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version != 2:
             reason = "FSDP1 flattens the weights: the output layer is not available whole (use FSDP2)"
-        elif mode == "auto" and (self.kd_vocab or output_layer(student).weight.shape[0]) < chunking["min_vocab"]:
+        elif mode == "auto" and (self.kd_vocab or output_layer(student).out_features) < chunking["min_vocab"]:
             reason = f"the vocabulary is smaller than chunked_loss.min_vocab={chunking['min_vocab']}"
         else:
             for role, model in (("student", student), ("teacher", teacher_model)):
@@ -268,8 +276,30 @@ class DistillTrainer(Trainer):
         result = {"outputs": out, "aligned": align_positions(out.logits, None, self.is_encoder_decoder)}
         if chunked:
             layer = output_layer(model)
+            if self._held is not None and not self._held_whole and is_partitioned(layer):
+                self._held.enter_context(gathered(list(layer.parameters())))  # ZeRO-3: whole until the backward
+                self._held_whole = True
             result["head"] = OutputHead(layer.weight, layer.bias)
         return result
+
+    @contextmanager
+    def _holding(self) -> Iterator[None]:
+        """ZeRO-3 and chunked losses: the student's output layer, gathered by `_student_forward` after its forward
+        (a module's own forward frees it again), stays whole through the backward, which reduce-scatters its
+        gradient to the partitions; it is partitioned again when the micro-batch's step ends."""
+        if not (self.is_deepspeed_enabled and self.chunk_size is not None):
+            yield
+            return
+        with ExitStack() as stack:
+            self._held, self._held_whole = stack, False
+            try:
+                yield
+            finally:
+                self._held = None
+
+    def training_step(self, *args, **kwargs):
+        with self._holding():
+            return super().training_step(*args, **kwargs)
 
     def _embed(self, model, text: TextField) -> torch.Tensor:
         """(N, H) student representation of a text field: an Embedder's own embedding, or for an LM student the
@@ -314,7 +344,7 @@ class DistillTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
+        with torch.no_grad(), self.compute_loss_context_manager(), self._holding():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 

@@ -234,7 +234,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 INPUT_PATHS = (("data", "train"), ("data", "eval"), ("student", "name_or_path"), ("student", "tokenizer"),
-               ("teacher", "name_or_path"), ("teacher", "tokenizer"))
+               ("teacher", "name_or_path"), ("teacher", "tokenizer"), ("distributed", "deepspeed_config"))
 
 
 def _resolve_input_paths(cfg: "RunConfig", path: Path) -> None:

@@ -10,7 +10,7 @@ Sections:
     objectives  name -> settings; the total loss is sum(weight * objective)
     lora        optional LoRA adapters on the student (peft)
     on_policy   optional: the student generates, the teacher scores (GKD / on-policy distillation)
-    distributed how several processes share the work: data parallel (ddp) or FSDP2 sharding (fsdp)
+    distributed how several processes share the work: data parallel (ddp), FSDP2 (fsdp) or ZeRO-3 (deepspeed)
     training    any `transformers.TrainingArguments` field (output_dir, learning_rate, ...)
 """
 
@@ -207,16 +207,20 @@ class DistributedConfig(Checked):
     """How the processes of a multi-process launch (`accelerate launch`, `torchrun`) share the work. One process
     ignores it. ddp: every process holds the whole student and teacher. fsdp: FSDP2 (`fully_shard`): the student's
     parameters, gradients and optimizer state are split over the processes, and a live teacher's weights too (it is
-    only run forward: no gradients, no optimizer state, each layer resharded after its forward)."""
+    only run forward: no gradients, no optimizer state, each layer resharded after its forward). deepspeed: ZeRO-3
+    through the Trainer's DeepSpeed integration, the live teacher a second, inference-only engine (no optimizer)."""
 
     strategy: str = option("ddp", "ddp: data parallel (whole models on every process); fsdp: FSDP2 sharding of the "
-                           "student and the live teacher; deepspeed: refused (a ZeRO-3 teacher engine is not built: "
-                           "see the README).", ("ddp", "fsdp", "deepspeed"))
+                           "student and the live teacher; deepspeed: DeepSpeed ZeRO-3 partitioning of both (needs "
+                           "the deepspeed package).", ("ddp", "fsdp", "deepspeed"))
     layer_classes: list[str] | None = option(None, "fsdp: class names of the blocks that become one shard unit each "
                                              "(e.g. [Qwen2DecoderLayer]); default: each model's own "
                                              "_no_split_modules (its transformer block).")
-    shard_teacher: bool = option(True, "fsdp: shard the live teacher over the processes too (false: every process "
-                                 "holds the whole teacher, as with ddp).")
+    shard_teacher: bool = option(True, "fsdp, deepspeed: shard the live teacher over the processes too (false: "
+                                 "every process holds the whole teacher, as with ddp).")
+    deepspeed_config: str | None = option(None, "deepspeed: a DeepSpeed JSON config (ZeRO stage 3) used for the "
+                                          "student and the teacher engine instead of the generated one "
+                                          "(stage 3, batch sizes, clipping and precision 'auto' from training).")
     reshard_after_forward: bool = option(True, "fsdp: free each student block's gathered weights after its forward "
                                          "and gather them again for backward (less memory, one more all-gather "
                                          "per block); false keeps them until backward.")
@@ -257,7 +261,7 @@ class RunConfig(Checked):
     chunked_loss: ChunkedLossConfig = option(help="Memory-efficient ce/kd for large vocabularies.",
                                              factory=ChunkedLossConfig)
     cache: CacheConfig = option(help="Top-k teacher cache (kdistill cache).", factory=CacheConfig)
-    distributed: DistributedConfig = option(help="Multi-process training: ddp or FSDP2 sharding (fsdp).",
+    distributed: DistributedConfig = option(help="Multi-process training: ddp, FSDP2 (fsdp) or ZeRO-3 (deepspeed).",
                                             factory=DistributedConfig)
     training: dict[str, Any] = option(
         help="transformers.TrainingArguments fields (output_dir, learning_rate, max_steps, ...).",

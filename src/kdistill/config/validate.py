@@ -44,13 +44,12 @@ def validate(cfg: RunConfig, source: str = "config", lines: dict | None = None) 
         _check_server(cfg, source, lines or {})
     if cfg.on_policy is not None:
         _check_on_policy(cfg, source, lines or {})
-    if cfg.distributed.strategy == "deepspeed":
-        line = (lines or {}).get(("distributed", "strategy"))
-        raise ConfigError((f"{source}:{line}: " if line else f"{source}: ") + "distributed.strategy: deepspeed is not "
-                          "supported: kdistill does not build the teacher as a second, inference-only ZeRO-3 engine "
-                          "(DeepSpeed cannot run on the CPU machine it is tested on); use strategy: fsdp")
-    if cfg.distributed.strategy == "fsdp":
-        _check_fsdp(cfg, source, lines or {})
+    if cfg.distributed.strategy in ("fsdp", "deepspeed"):
+        _check_sharded(cfg, source, lines or {})
+    if cfg.distributed.deepspeed_config is not None and cfg.distributed.strategy != "deepspeed":
+        line = (lines or {}).get(("distributed", "deepspeed_config"))
+        raise ConfigError((f"{source}:{line}: " if line else f"{source}: ") + "distributed.deepspeed_config is read "
+                          "by strategy: deepspeed only")
     chunk = cfg.chunked_loss.chunk_size
     if chunk != "auto" and (isinstance(chunk, str) or chunk < 1):
         raise ConfigError(f"{source}: chunked_loss.chunk_size must be an integer >= 1 or 'auto', got {chunk!r}")
@@ -178,17 +177,19 @@ def _check_server(cfg: RunConfig, source: str, lines: dict) -> None:
                           "teacher only scores them here; drop seq_kd or load the teacher (teacher.name_or_path)")
 
 
-def _check_fsdp(cfg: RunConfig, source: str, lines: dict) -> None:
-    """distributed.strategy: fsdp against the rest of the run (what the sharded path covers)."""
+def _check_sharded(cfg: RunConfig, source: str, lines: dict) -> None:
+    """distributed.strategy: fsdp or deepspeed against the rest of the run (what the sharded paths cover)."""
+    strategy = cfg.distributed.strategy
     line = lines.get(("distributed", "strategy"))
     place = f"{source}:{line}" if line else source
     if cfg.task != "lm":
-        raise ConfigError(f"{place}: distributed.strategy: fsdp shards language-model runs (task lm); an embedding "
-                          "run trains data parallel (strategy: ddp)")
+        raise ConfigError(f"{place}: distributed.strategy: {strategy} shards language-model runs (task lm); an "
+                          "embedding run trains data parallel (strategy: ddp)")
     if cfg.lora.enabled:
-        raise ConfigError(f"{place}: distributed.strategy: fsdp with lora.enabled is not supported (the adapter "
-                          "export is not written for sharded weights); use strategy: ddp for LoRA")
+        raise ConfigError(f"{place}: distributed.strategy: {strategy} with lora.enabled is not supported (the "
+                          "adapter export is not written for sharded weights); use strategy: ddp for LoRA")
     taken = [k for k in ("fsdp", "fsdp_config", "deepspeed") if cfg.training.get(k)]
     if taken:
-        raise ConfigError(f"{place}: distributed.strategy: fsdp sets training.fsdp and training.fsdp_config itself; "
-                          f"remove training.{taken[0]}")
+        what = "training.fsdp and training.fsdp_config" if strategy == "fsdp" else "training.deepspeed"
+        raise ConfigError(f"{place}: distributed.strategy: {strategy} sets {what} itself; remove "
+                          f"training.{taken[0]}")

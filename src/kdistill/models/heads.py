@@ -10,6 +10,7 @@ from typing import Any, Iterator
 import torch
 
 from kdistill.models.sharding import full_weight
+from kdistill.models.zero import whole
 
 
 @dataclass
@@ -86,7 +87,7 @@ def chunking_problem(model, encoder_decoder: bool) -> str | None:
     if type(head) is not torch.nn.Linear:
         return f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear (e.g. LoRA on lm_head)"
     device = head.weight.device
-    ids = (torch.arange(1, 9, device=device) % head.weight.shape[0]).reshape(1, -1)
+    ids = (torch.arange(1, 9, device=device) % head.out_features).reshape(1, -1)
     inputs = {"input_ids": ids, "use_cache": False}
     if encoder_decoder:
         inputs["decoder_input_ids"] = ids
@@ -99,8 +100,9 @@ def chunking_problem(model, encoder_decoder: bool) -> str | None:
                 hidden = model(**inputs).logits
     finally:
         model.train(was_training)
-    weight = full_weight(head.weight.detach())  # a sharded model (FSDP) runs the probe on every process
-    bias = None if head.bias is None else full_weight(head.bias.detach())
+    with whole(head):  # a sharded model (FSDP, ZeRO-3) runs the probe on every process
+        weight = full_weight(head.weight.detach()).clone()
+        bias = None if head.bias is None else full_weight(head.bias.detach()).clone()
     if hidden.shape[-1] != weight.shape[1]:
         return "its forward changes the output layer's input or output (not hidden @ W.T + b)"
     expected = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()

@@ -8,6 +8,7 @@ import torch
 
 from kdistill.models.heads import OutputHead, align_positions, lm_model_inputs, output_layer, output_layer_bypassed
 from kdistill.models.sharding import full_weight, is_sharded, shard_for_inference
+from kdistill.models.zero import inference_engine, is_partitioned, whole
 from kdistill.teachers.base import DenseLogits, HiddenAndHead, TeacherQuery, TeacherSource
 
 __all__ = ["LiveTeacher"]
@@ -20,7 +21,8 @@ class LiveTeacher(TeacherSource):
     tensor is made. Hidden states / attention maps are requested only when an objective reads them.
 
     Sharded (`place(..., shard=...)`, FSDP2 training): every process holds 1/N of the weights, gathered one block
-    at a time during the forward; the chunked losses' output layer is gathered whole once per query."""
+    at a time during the forward; the chunked losses' output layer is gathered whole once per query. The same
+    with DeepSpeed ZeRO-3 (`place(..., zero=config)`): the teacher is a second, inference-only engine."""
 
     name = "live teacher model"
     provides = frozenset({"tokens", "hidden_states", "attentions"})
@@ -31,16 +33,21 @@ class LiveTeacher(TeacherSource):
         self.chunked = False
         self.extra_outputs: frozenset[str] = frozenset()
         self._head: OutputHead | None = None
+        self.engine = None
 
-    def place(self, device, shard: dict | None = None):
+    def place(self, device, shard: dict | None = None, zero: dict | None = None):
         """Eval mode, frozen, on `device`. shard: {"layer_classes": [...] | None} splits the weights over the
-        processes of the default process group (`kdistill.models.sharding.shard_for_inference`)."""
+        processes of the default process group (`kdistill.models.sharding.shard_for_inference`). zero: the
+        student's DeepSpeed stage-3 config: the teacher becomes an inference-only engine partitioned with it
+        (`kdistill.models.zero.inference_engine`; no optimizer)."""
         self.model.eval()
         self.model.requires_grad_(False)
-        if shard is not None and not is_sharded(self.model):
-            if getattr(self.model, "hf_device_map", None) is not None:
-                raise ValueError("a teacher loaded with a device_map cannot also be sharded: drop teacher.device_map "
-                                 "or set distributed.shard_teacher: false")
+        if (shard is not None or zero is not None) and getattr(self.model, "hf_device_map", None) is not None:
+            raise ValueError("a teacher loaded with a device_map cannot also be sharded: drop teacher.device_map "
+                             "or set distributed.shard_teacher: false")
+        if zero is not None and not is_partitioned(self.model):
+            self.engine = inference_engine(self.model.to(device), zero)
+        elif shard is not None and not is_sharded(self.model):
             shard_for_inference(self.model, device, shard.get("layer_classes"))
         elif getattr(self.model, "hf_device_map", None) is None:
             self.model.to(device)
@@ -53,6 +60,11 @@ class LiveTeacher(TeacherSource):
 
     def head(self, device: torch.device) -> OutputHead:
         """The output layer as tensors on `device` (frozen: copied once; sharded: gathered on every call)."""
+        if is_partitioned(self.model):
+            layer = output_layer(self.model)
+            with torch.no_grad(), whole(layer):
+                bias = None if layer.bias is None else layer.bias.detach().to(device, copy=True)
+                return OutputHead(layer.weight.detach().to(device, copy=True), bias)
         if is_sharded(self.model):
             layer = output_layer(self.model)
             with torch.no_grad():
