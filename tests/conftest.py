@@ -73,3 +73,33 @@ def run_config(teacher: str | None, student: str, data: Path, output_dir: Path, 
     if teacher:
         cfg["teacher"] = {"name_or_path": teacher}
     return cfg
+
+
+def launch_two(args, port) -> list[str]:
+    """`accelerate launch` of `kdistill train ARGS` on two processes: `--multi_gpu` starts them with torchrun; with
+    no GPU they run on the CPU (gloo)."""
+    import shutil
+    import sys
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate's launcher is installed with kdistill"
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            "-m", "kdistill.cli", "train", *args]
+
+
+def run_checked(cmd, timeout=300):
+    """Run a command from the repository root with one thread per process; it must succeed."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def summary_logs(out_dir) -> list[dict]:
+    """The log history of a finished `kdistill train` run."""
+    import json
+
+    return json.loads((Path(out_dir) / "kdistill_summary.json").read_text())["log_history"]

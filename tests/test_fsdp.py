@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, run_config
+from conftest import REPO, launch_two as _launch, run_checked as _run, run_config, summary_logs as _logs
 from kdistill.config import ConfigError, config_from_dict
 from kdistill.pipeline import fsdp_arguments
 
@@ -65,23 +64,6 @@ def test_fsdp_refusals_name_the_setting(change, message, tiny_causal, alpaca_sma
 
 
 # ------------------------------------------------------------------------------------ two processes (slow, gloo)
-def _launch(args, port):
-    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-    assert accelerate, "accelerate's launcher is installed with kdistill"
-    # `accelerate launch --multi_gpu` starts the processes with torchrun; with no GPU they run on the CPU (gloo)
-    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            "-m", "kdistill.cli", "train", *args]
-
-
-def _run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def _logs(out_dir):
-    return json.loads((out_dir / "kdistill_summary.json").read_text())["log_history"]
 
 
 def _assert_sharded_checkpoint(checkpoint):

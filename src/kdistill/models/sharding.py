@@ -23,7 +23,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-__all__ = ["full_weight", "is_sharded", "layer_classes", "shard_for_inference", "shard_model", "unsharded_copy"]
+__all__ = ["full_weight", "is_sharded", "layer_classes", "rebuilt", "shard_for_inference", "shard_model",
+           "unsharded_copy"]
 
 
 def layer_classes(model: torch.nn.Module, names: list[str] | None = None) -> tuple[type, ...]:
@@ -82,9 +83,18 @@ def unsharded_copy(model: torch.nn.Module, skip_prefixes: tuple[str, ...] = ()) 
     if dist.get_rank() != 0:
         return None
     cls = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
-    state = {k: v for k, v in state.items() if not k.startswith(skip_prefixes)}
+    return rebuilt(cls, model, {k: v for k, v in state.items() if not k.startswith(skip_prefixes)})
+
+
+def rebuilt(cls: type, model: torch.nn.Module, state: dict[str, torch.Tensor],
+            buffers: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """An ordinary `cls(model.config)` holding the gathered `state` (tied weights may be absent) and those of
+    `buffers` it keeps in its state dict (persistent ones), in the state's dtype, in eval mode, with `model`'s
+    generation config."""
     dtype = next(iter(state.values())).dtype
     copy = cls(model.config)
+    kept = copy.state_dict().keys()
+    state = {**state, **{k: v for k, v in (buffers or {}).items() if k in kept}}
     missing, unexpected = copy.load_state_dict(state, strict=False)
     tied = set(getattr(copy, "all_tied_weights_keys", None) or getattr(copy, "_tied_weights_keys", None) or ())
     if unexpected or set(missing) - tied:

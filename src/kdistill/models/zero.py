@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from kdistill.models.sharding import rebuilt
+
 __all__ = ["cpu_process_state", "gathered", "import_problem", "inference_engine", "is_partitioned", "stage3_config",
            "unpartitioned_copy", "whole"]
 
@@ -141,17 +143,6 @@ def unpartitioned_copy(model: torch.nn.Module, skip_prefixes: tuple[str, ...] = 
                 state[name] = param.detach().to("cpu", copy=True)
     if rank != 0:
         return None
-    dtype = next(iter(state.values())).dtype
-    out = type(model)(model.config)
-    kept = out.state_dict().keys()  # persistent buffers only
-    for name, buffer in model.named_buffers():
-        if name in kept:
-            state[name] = buffer.detach().to("cpu", copy=True)
-    missing, unexpected = out.load_state_dict(state, strict=False)
-    tied = set(getattr(out, "all_tied_weights_keys", None) or getattr(out, "_tied_weights_keys", None) or ())
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"gathered state dict does not fit {type(model).__name__}: missing {missing}, "
-                           f"unexpected {unexpected}")
-    if getattr(model, "generation_config", None) is not None:
-        out.generation_config = model.generation_config
-    return out.to(dtype).eval()
+    buffers = {name: b.detach().to("cpu", copy=True) for name, b in model.named_buffers()
+               if not name.startswith(skip_prefixes)}
+    return rebuilt(type(model), model, state, buffers)
