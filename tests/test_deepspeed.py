@@ -89,8 +89,8 @@ def _assert_same_weights(a, b):
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("pair", ["causal", "t5"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["dense", "chunked"])
+# each dimension once (dense and chunked, causal and T5): every ZeRO-3 launch costs half a minute here
+@pytest.mark.parametrize("pair, chunked", [("causal", True), ("t5", False)], ids=["chunked-causal", "dense-t5"])
 def test_two_zero3_processes_match_one_process(pair, chunked, request, alpaca_small, tmp_path):
     """Two ZeRO-3 processes x 2 rows (the student through the Trainer's engine, the teacher an inference-only
     engine) give the first two optimizer steps' losses and gradient norm of one ordinary process x 4 rows, dense
@@ -129,7 +129,8 @@ def test_two_zero3_processes_match_one_process(pair, chunked, request, alpaca_sm
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("sampler", ["student", "teacher"])
+# the teacher engine generating (seq_kd, sampler "teacher") passed too; left out of the suite to save half a minute
+@pytest.mark.parametrize("sampler", ["student"])
 def test_two_zero3_processes_generate_in_step_on_policy(sampler, tiny_causal, alpaca_small, tmp_path):
     """On-policy under ZeRO-3: answers of different lengths end at different decoding steps on the two processes;
     the partitioned student (or, seq_kd, the teacher engine's model) generates in step with the other process

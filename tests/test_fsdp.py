@@ -73,8 +73,10 @@ def _assert_sharded_checkpoint(checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pair", ["causal", "t5"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["dense", "chunked"])
+# dense and chunked kd on the causal pair, chunked on T5 (the dense T5 path shares the sharding and the dense loss
+# with these; dropped to keep the suite's time down)
+@pytest.mark.parametrize("pair, chunked", [("causal", False), ("causal", True), ("t5", True)],
+                         ids=["dense-causal", "chunked-causal", "chunked-t5"])
 def test_two_sharded_processes_match_one_process(pair, chunked, request, alpaca_small, tmp_path):
     """Two FSDP2 processes x 2 rows (student and teacher sharded) give the first two optimizer steps' losses and
     gradient norm of one unsharded process x 4 rows, dense logits or chunked; the exported student equals the one
