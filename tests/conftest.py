@@ -103,3 +103,32 @@ def summary_logs(out_dir) -> list[dict]:
     import json
 
     return json.loads((Path(out_dir) / "kdistill_summary.json").read_text())["log_history"]
+
+
+def one_and_two_processes(raw: dict, tmp_path: Path, port: int, *sets: str):
+    """Train `raw` once in one process (tmp_path/one) and once in two (tmp_path/two, 2 rows per process, plus the
+    `--set` values `sets`): the same global batch when raw's per-device batch is 4. Returns (one, two, the two-process
+    run's CompletedProcess)."""
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_checked([sys.executable, "-m", "kdistill.cli", "train", str(config), "--set", f"training.output_dir={one}"])
+    args = [str(config), "--set", f"training.output_dir={two}", "--set", "training.per_device_train_batch_size=2"]
+    for value in sets:
+        args += ["--set", value]
+    return one, two, run_checked(launch_two(args, port))
+
+
+def assert_export_loads(out_dir, exported: dict, encoder_decoder: bool) -> None:
+    """The exported folder loads with the stock Auto class and holds exactly the exported tensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    loaded = (AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM).from_pretrained(out_dir)
+    for name, value in loaded.state_dict().items():
+        if name in exported:
+            torch.testing.assert_close(value, exported[name], atol=0, rtol=0)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import launch_two as _launch, run_checked as _run, run_config, summary_logs as _logs
+from conftest import (assert_export_loads, launch_two as _launch, one_and_two_processes, run_checked as _run,
+                      run_config, summary_logs as _logs)
 from kdistill.config import ConfigError, config_from_dict
 from kdistill.models.zero import import_problem
 from kdistill.pipeline import deepspeed_arguments
@@ -96,21 +96,13 @@ def test_two_zero3_processes_match_one_process(pair, chunked, request, alpaca_sm
     engine) give the first two optimizer steps' losses and gradient norm of one ordinary process x 4 rows, dense
     logits or chunked (the student's partitioned output layer gathered after its forward, held through the
     backward); the exported student equals the one process's student and loads with the stock class."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     tiny = request.getfixturevalue(f"tiny_{pair}")
     raw = _cfg(tiny, alpaca_small, tmp_path, distributed={"strategy": "deepspeed"},
                chunked_loss={"mode": "off"})
     raw["training"].update(max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    one = tmp_path / "one"
-    _run([sys.executable, "-m", "kdistill.cli", "train", str(config), "--set", f"training.output_dir={one}"])
-    two = tmp_path / "two"
-    proc = _run(_launch([str(config), "--set", f"training.output_dir={two}",
-                         "--set", "training.per_device_train_batch_size=2",
-                         "--set", f"chunked_loss.mode={'on' if chunked else 'off'}",
-                         "--set", "chunked_loss.chunk_size=16"], 29640 + int(chunked) + 2 * (pair == "t5")))
+    one, two, proc = one_and_two_processes(raw, tmp_path, 29640 + int(chunked) + 2 * (pair == "t5"),
+                                           f"chunked_loss.mode={'on' if chunked else 'off'}",
+                                           "chunked_loss.chunk_size=16")
     assert "DeepSpeed" in proc.stderr + proc.stdout  # the engines really ran
     # a DeepSpeed checkpoint: each process's partition of the weights and optimizer state, plus gathered weights
     parts = sorted(p.name for p in (two / "checkpoint-2" / "global_step2").iterdir())
@@ -121,10 +113,7 @@ def test_two_zero3_processes_match_one_process(pair, chunked, request, alpaca_sm
             assert b == pytest.approx(a, rel=REL), (step, key, a, b)
     reference, exported = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     _assert_same_weights(reference, exported)
-    loaded = (AutoModelForSeq2SeqLM if pair == "t5" else AutoModelForCausalLM).from_pretrained(two)
-    for name, value in loaded.state_dict().items():
-        if name in exported:
-            torch.testing.assert_close(value, exported[name], atol=0, rtol=0)
+    assert_export_loads(two, exported, pair == "t5")
 
 
 @pytest.mark.slow
@@ -140,13 +129,7 @@ def test_two_zero3_processes_generate_in_step_on_policy(sampler, tiny_causal, al
                on_policy=policy, objectives={"kd": {"divergence": "reverse_kl"}},
                chunked_loss={"mode": "on", "chunk_size": 16})
     raw["training"].update(max_steps=1)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    one = tmp_path / "one"
-    _run([sys.executable, "-m", "kdistill.cli", "train", str(config), "--set", f"training.output_dir={one}"])
-    two = tmp_path / "two"
-    _run(_launch([str(config), "--set", f"training.output_dir={two}",
-                  "--set", "training.per_device_train_batch_size=2"], 29644 + (sampler == "teacher")))
+    one, two, _ = one_and_two_processes(raw, tmp_path, 29644 + (sampler == "teacher"))
     a, b = _logs(one)[0], _logs(two)[0]
     assert 0 < a[f"on_policy/{sampler}_truncated"] < 1
     for key in ("loss", "grad_norm", "loss/kd", f"on_policy/{sampler}_answer_length"):

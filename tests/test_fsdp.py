@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
@@ -18,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, launch_two as _launch, run_checked as _run, run_config, summary_logs as _logs
+from conftest import (REPO, assert_export_loads, launch_two as _launch, one_and_two_processes, run_checked as _run,
+                      run_config, summary_logs as _logs)
 from kdistill.config import ConfigError, config_from_dict
 from kdistill.pipeline import fsdp_arguments
 
@@ -81,21 +81,12 @@ def test_two_sharded_processes_match_one_process(pair, chunked, request, alpaca_
     """Two FSDP2 processes x 2 rows (student and teacher sharded) give the first two optimizer steps' losses and
     gradient norm of one unsharded process x 4 rows, dense logits or chunked; the exported student equals the one
     process's student and loads with the stock classes."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
     tiny = request.getfixturevalue(f"tiny_{pair}")
     raw = _cfg(tiny, alpaca_small, tmp_path, distributed={"strategy": "fsdp"},
                chunked_loss={"mode": "off"})
     raw["training"].update(max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    one = tmp_path / "one"
-    _run([sys.executable, "-m", "kdistill.cli", "train", str(config), "--set", f"training.output_dir={one}"])
-    two = tmp_path / "two"
-    port = 29620 + 2 * int(chunked) + int(pair == "t5")
-    _run(_launch([str(config), "--set", f"training.output_dir={two}", "--set", "training.per_device_train_batch_size=2",
-                  "--set", f"chunked_loss.mode={'on' if chunked else 'off'}", "--set", "chunked_loss.chunk_size=16"],
-                 port))
+    one, two, _ = one_and_two_processes(raw, tmp_path, 29620 + 2 * int(chunked) + int(pair == "t5"),
+                                        f"chunked_loss.mode={'on' if chunked else 'off'}", "chunked_loss.chunk_size=16")
     _assert_sharded_checkpoint(two / "checkpoint-2")
     for step in (0, 1):
         for key in KEYS:
@@ -105,11 +96,7 @@ def test_two_sharded_processes_match_one_process(pair, chunked, request, alpaca_
     assert exported.keys() == reference.keys()
     for name in reference:  # two steps of Adam at lr 1e-3 on the same gradients
         torch.testing.assert_close(exported[name], reference[name], atol=1e-6, rtol=1e-5)
-    cls = AutoModelForSeq2SeqLM if pair == "t5" else AutoModelForCausalLM
-    loaded = cls.from_pretrained(two)
-    for name, value in loaded.state_dict().items():
-        if name in exported:
-            torch.testing.assert_close(value, exported[name], atol=0, rtol=0)
+    assert_export_loads(two, exported, pair == "t5")
 
 
 @pytest.mark.slow
@@ -123,13 +110,7 @@ def test_two_sharded_processes_generate_in_step_on_policy(sampler, tiny_causal, 
                on_policy=policy, objectives={"kd": {"divergence": "reverse_kl"}},
                chunked_loss={"mode": "on", "chunk_size": 16})
     raw["training"].update(max_steps=1)
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    one = tmp_path / "one"
-    _run([sys.executable, "-m", "kdistill.cli", "train", str(config), "--set", f"training.output_dir={one}"])
-    two = tmp_path / "two"
-    _run(_launch([str(config), "--set", f"training.output_dir={two}",
-                  "--set", "training.per_device_train_batch_size=2"], 29625 + (sampler == "teacher")), timeout=300)
+    one, two, _ = one_and_two_processes(raw, tmp_path, 29625 + (sampler == "teacher"))
     a, b = _logs(one)[0], _logs(two)[0]
     assert 0 < a[f"on_policy/{sampler}_truncated"] < 1
     for key in ("loss", "grad_norm", "loss/kd", f"on_policy/{sampler}_answer_length"):
