@@ -65,8 +65,10 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         raise DataValidationError([f"{wrong[0].source}: a {wrong[0].kind} row cannot train a language model "
                                    f"({len(wrong)} such row(s)); LM runs need alpaca, prompt/completion or messages "
                                    f"rows (embedding rows go with task: embedding)"])
-    answered = [ex for ex in loaded.examples if not sampling or has_response(ex)]
-    if answered:  # prompt-only rows (on-policy) have no responses to judge
+    answered, prompt_only = [], []  # prompt-only rows: on-policy runs only
+    for ex in loaded.examples:
+        (answered if not sampling or has_response(ex) else prompt_only).append(ex)
+    if answered:  # prompt-only rows have no responses to judge
         _warn_if_degenerate(source, answered)
     encode = dict(template=cfg.data.template, max_length=cfg.data.max_length, is_encoder_decoder=encoder_decoder,
                   max_target_length=cfg.data.max_target_length)
@@ -83,14 +85,12 @@ def load_split(cfg: RunConfig, tokenizer, source: str, split: str, limit, encode
         rows, stats = _encode_with_triplets(cfg, loaded.examples, tokenizer, source, split, encode)
     else:
         rows, stats = encode_examples(loaded.examples, tokenizer, **encode)
-    if sampling:
-        prompt_only = [ex.source for ex in loaded.examples if not has_response(ex)]
-        if prompt_only and cfg.on_policy.lmbda < 1 and not cfg.on_policy.seq_kd:
-            raise DataValidationError([f"{prompt_only[0]}: no response to train the off-policy steps on "
-                                       f"(on_policy.lmbda is {cfg.on_policy.lmbda}, so {1 - cfg.on_policy.lmbda:.0%} "
-                                       f"of the steps train on the dataset's responses; {len(prompt_only)} row(s) "
-                                       "have none): give responses, set on_policy.seq_kd: true (the teacher "
-                                       "answers) or on_policy.lmbda: 1"])
+    if prompt_only and cfg.on_policy.lmbda < 1 and not cfg.on_policy.seq_kd:
+        raise DataValidationError([f"{prompt_only[0].source}: no response to train the off-policy steps on "
+                                   f"(on_policy.lmbda is {cfg.on_policy.lmbda}, so {1 - cfg.on_policy.lmbda:.0%} "
+                                   f"of the steps train on the dataset's responses; {len(prompt_only)} row(s) "
+                                   "have none): give responses, set on_policy.seq_kd: true (the teacher "
+                                   "answers) or on_policy.lmbda: 1"])
     report = DataReport(source=source, examples=len(rows), skipped_invalid=list(loaded.skipped) + unaligned,
                         truncated=stats.truncated, dropped_no_target=stats.dropped_no_target)
     if loaded.skipped:
